@@ -1,0 +1,1 @@
+"""The `odis` command line: parses, validates, shows progress and tables; computes nothing."""

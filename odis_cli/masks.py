@@ -1,0 +1,121 @@
+"""`odis masks coco|sam|stats`: build and inspect the mask store."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from odis_cli.ui import cli_errors, console, progress_callback
+
+app = typer.Typer(
+    help="Object masks for an image folder, into one mask store.", no_args_is_help=True
+)
+
+
+def _summary_table(title: str, rows: dict[str, Any]) -> Table:
+    table = Table(title=title, show_header=False)
+    table.add_column("what")
+    table.add_column("count", justify="right")
+    for name, value in rows.items():
+        table.add_row(name, str(value))
+    return table
+
+
+@app.command("coco")
+def coco(
+    images: Annotated[Path, typer.Option(help="Image folder the annotation file names refer to.")],
+    annotations: Annotated[Path, typer.Option(help="COCO instances JSON.")],
+    out: Annotated[Path, typer.Option(help="Mask store directory to write.")],
+    min_area: Annotated[float, typer.Option(help="Drop objects smaller than this (pixels).")] = 0.0,
+    max_objects: Annotated[
+        int | None, typer.Option(help="Keep at most this many objects per image, largest first.")
+    ] = None,
+) -> None:
+    """Import ground-truth objects (polygons, RLE, boxes) from a COCO instances file."""
+    from odis_core.masks.coco import import_coco
+
+    with cli_errors(), progress_callback("importing objects") as progress:
+        store, report = import_coco(
+            annotations, out, images_root=images, min_area=min_area,
+            max_objects_per_image=max_objects, progress=progress,
+        )
+    console.print(_summary_table(f"mask store {out}", vars(report)))
+
+
+@app.command("sam")
+def sam(
+    images: Annotated[Path, typer.Option(help="Image folder.")],
+    checkpoint: Annotated[Path, typer.Option(help="segment-anything checkpoint (.pth).")],
+    out: Annotated[Path, typer.Option(help="Mask store directory to write.")],
+    model_type: Annotated[str, typer.Option(help="SAM architecture: vit_b, vit_l or vit_h.")],
+    max_masks: Annotated[
+        int | None, typer.Option(help="Keep the best K masks per image (IoU x stability).")
+    ] = None,
+    min_area: Annotated[float, typer.Option(help="Drop masks smaller than this (pixels).")] = 0.0,
+    device: Annotated[str, typer.Option(help="cpu or cuda (default: cuda when present).")] = "auto",
+    points_per_side: Annotated[int | None, typer.Option(help="SAM generator setting.")] = None,
+    points_per_batch: Annotated[int | None, typer.Option(help="SAM generator setting.")] = None,
+    pred_iou_thresh: Annotated[float | None, typer.Option(help="SAM generator setting.")] = None,
+    stability_score_thresh: Annotated[
+        float | None, typer.Option(help="SAM generator setting.")
+    ] = None,
+    box_nms_thresh: Annotated[float | None, typer.Option(help="SAM generator setting.")] = None,
+    crop_n_layers: Annotated[int | None, typer.Option(help="SAM generator setting.")] = None,
+    min_mask_region_area: Annotated[
+        int | None, typer.Option(help="SAM generator setting (needs opencv).")
+    ] = None,
+) -> None:
+    """Class-agnostic objects from segment-anything's automatic mask generator."""
+    import torch
+
+    from odis_core.masks.sam import generate_sam_masks, load_sam
+
+    # Only what the user set reaches SAM: its own defaults stay the one source of truth.
+    generator_kwargs = {
+        name: value
+        for name, value in {
+            "points_per_side": points_per_side,
+            "points_per_batch": points_per_batch,
+            "pred_iou_thresh": pred_iou_thresh,
+            "stability_score_thresh": stability_score_thresh,
+            "box_nms_thresh": box_nms_thresh,
+            "crop_n_layers": crop_n_layers,
+            "min_mask_region_area": min_mask_region_area,
+        }.items()
+        if value is not None
+    }
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    with cli_errors():
+        model = load_sam(model_type, checkpoint, device=device)
+        with progress_callback("segmenting") as progress:
+            store, report = generate_sam_masks(
+                images, out, model, generator_kwargs=generator_kwargs, max_masks=max_masks,
+                min_area=min_area, progress=progress,
+            )
+    rows = {"images": report.n_images, "objects": report.n_objects, "skipped": report.n_skipped}
+    console.print(_summary_table(f"mask store {out}", rows))
+    for line in report.skipped[:20]:
+        console.print(f"[yellow]skipped[/yellow] {line}", highlight=False)
+
+
+@app.command("stats")
+def stats(
+    store: Annotated[Path, typer.Argument(help="Mask store directory.")],
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the figures here.")]
+    = None,
+) -> None:
+    """Objects per image, areas, and images without objects (they train on the whole image)."""
+    from odis_core.masks.stats import store_statistics
+    from odis_core.masks.store import read_store
+
+    with cli_errors():
+        opened = read_store(store)
+        figures = store_statistics(opened)
+        if json_out is not None:
+            json_out.write_text(json.dumps(figures, indent=2) + "\n")
+    console.print(_summary_table(f"mask store {store}", figures))

@@ -1,0 +1,214 @@
+"""Training samples: image + target object -> object-aware views and MIM masks; collate.
+
+Every sample draws from its own generator seeded by (seed, epoch, index), so a sample is
+the same in any DataLoader worker, with any number of workers, and after a resume.
+Unreadable images come back as None and are dropped (and counted) by `collate_crops`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from odis_core.crops.block_mask import BlockMaskGenerator, sample_mask_ratio
+from odis_core.crops.object_aware import ObjectMultiCrop
+from odis_core.images import UnreadableImageError, load_rgb
+from odis_core.masks.store import ImageRecord, MaskStore, ObjectRecord, box_to_mask
+
+
+@dataclass(frozen=True)
+class MimConfig:
+    """iBOT's masked-image-modelling settings for the global crops (spec §10)."""
+
+    pred_ratio: tuple[float, ...] = (0.0, 0.3)
+    pred_ratio_var: tuple[float, ...] = (0.0, 0.2)
+    min_patches_per_block: int = 16
+
+
+@dataclass
+class CropSample:
+    """The views of one image for one training step."""
+
+    global_images: list[Tensor]  # each (3, Sg, Sg) float
+    local_images: list[Tensor]  # each (3, Sl, Sl) float
+    global_patch_masks: list[Tensor]  # each (Ng,) bool: True where the object is
+    local_patch_masks: list[Tensor]  # each (Nl,) bool
+    mim_masks: list[Tensor]  # each (Ng,) bool: True = replaced by the mask token
+    whole_image_fallback: bool  # no usable object: the whole image was the object
+    crop_failures: int  # crops that fell back to the best-coverage try
+    index: int  # dataset index
+
+
+@dataclass
+class CropBatch:
+    """A collated batch, crop-major: rows c*B .. c*B + B - 1 are crop c of every image."""
+
+    global_crops: Tensor  # (G*B, 3, Sg, Sg) float
+    local_crops: Tensor | None  # (L*B, 3, Sl, Sl) float, None without local crops
+    global_patch_masks: Tensor  # (G*B, Ng) bool: True where the [OBJ] row may attend
+    local_patch_masks: Tensor | None  # (L*B, Nl) bool
+    mim_masks: Tensor  # (G*B, Ng) bool: True = patch replaced by the mask token (student)
+    indices: Tensor  # (B,) long dataset indices
+    n_skipped: int  # unreadable images dropped from this batch
+    n_whole_image_fallback: int  # images without a usable object
+    n_crop_failures: int  # crops that fell back to the best-coverage try
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> CropBatch:
+        def move(tensor: Tensor | None) -> Tensor | None:
+            return None if tensor is None else tensor.to(device, non_blocking=non_blocking)
+
+        return CropBatch(
+            move(self.global_crops),  # type: ignore[arg-type]
+            move(self.local_crops),
+            move(self.global_patch_masks),  # type: ignore[arg-type]
+            move(self.local_patch_masks),
+            move(self.mim_masks),  # type: ignore[arg-type]
+            move(self.indices),  # type: ignore[arg-type]
+            self.n_skipped,
+            self.n_whole_image_fallback,
+            self.n_crop_failures,
+        )
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
+    """A generator that depends only on (seed, epoch, index), well mixed across all three."""
+    state = np.random.SeedSequence([seed, epoch, index]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(state) & (2**63 - 1))
+
+
+class ObjectCropDataset(torch.utils.data.Dataset):
+    """One item per image of the store: views of a uniformly chosen target object."""
+
+    def __init__(
+        self,
+        store: MaskStore,
+        images_root: Path,
+        multicrop: ObjectMultiCrop,
+        mim: MimConfig | None = MimConfig(),  # noqa: B008 (frozen, immutable)
+        seed: int = 0,
+        min_object_area: float = 0.0,
+    ) -> None:
+        self.images: list[ImageRecord] = list(store.images)
+        self.candidates: list[list[ObjectRecord]] = [
+            [
+                obj
+                for obj in store.objects_of(image.image_id)
+                if obj.area >= min_object_area and obj.area > 0
+            ]
+            for image in self.images
+        ]
+        self.images_root = Path(images_root)
+        self.multicrop = multicrop
+        self.mim = mim
+        self.seed = seed
+        self.epoch = 0
+        grid = multicrop.global_size // multicrop.patch_size
+        self.block_masks = (
+            BlockMaskGenerator((grid, grid), mim.min_patches_per_block) if mim is not None else None
+        )
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> CropSample | None:
+        record = self.images[index]
+        generator = sample_generator(self.seed, self.epoch, index)
+        try:
+            image = load_rgb(self.images_root / record.file_name)
+        except UnreadableImageError:
+            return None
+        candidates = self.candidates[index]
+        object_mask = None
+        if candidates:
+            choice = int(torch.randint(0, len(candidates), (1,), generator=generator).item())
+            object_mask = _decode_at(candidates[choice], record, image.height, image.width)
+        whole_image = object_mask is None or not object_mask.any()
+        if whole_image:
+            # Spec §2: no usable object -> the whole image is the object (iBOT for this image).
+            object_mask = np.ones((image.height, image.width), dtype=bool)
+        views = self.multicrop(image, object_mask, generator)
+        return CropSample(
+            views.global_images,
+            views.local_images,
+            views.global_patch_masks,
+            views.local_patch_masks,
+            self._mim_masks(len(views.global_images), generator),
+            whole_image,
+            views.crop_failures,
+            index,
+        )
+
+    def _mim_masks(self, n_global: int, generator: torch.Generator) -> list[Tensor]:
+        grid = self.multicrop.global_size // self.multicrop.patch_size
+        if self.mim is None or self.block_masks is None:
+            return [torch.zeros(grid * grid, dtype=torch.bool) for _ in range(n_global)]
+        masks = []
+        for _ in range(n_global):
+            ratio = sample_mask_ratio(self.mim.pred_ratio, self.mim.pred_ratio_var, generator)
+            masks.append(self.block_masks(ratio, generator).reshape(-1))
+        return masks
+
+
+def _decode_at(obj: ObjectRecord, record: ImageRecord, height: int, width: int) -> np.ndarray:
+    """(height, width) bool mask of `obj` on the image as loaded now.
+
+    The store's size differs from the file's only when the file changed after the masks
+    were made (re-exported, EXIF-rotated copy); rescale the mask rather than misalign it.
+    """
+    if obj.rle is None:
+        if (record.height, record.width) != (height, width):
+            sx, sy = width / record.width, height / record.height
+            x, y, w, h = obj.bbox_xywh
+            return box_to_mask((x * sx, y * sy, w * sx, h * sy), height, width)
+        return box_to_mask(obj.bbox_xywh, height, width)
+    mask = MaskStore.decode(obj, height, width)
+    if mask.shape != (height, width):
+        resized = Image.fromarray(mask).resize((width, height), Image.Resampling.NEAREST)
+        mask = np.asarray(resized, dtype=bool)
+    return mask
+
+
+def collate_crops(samples: list[CropSample | None]) -> CropBatch:
+    """Stack samples crop-major; None samples (unreadable images) are dropped and counted."""
+    kept = [sample for sample in samples if sample is not None]
+    n_skipped = len(samples) - len(kept)
+    if not kept:
+        empty = torch.zeros(0)
+        return CropBatch(
+            empty.reshape(0, 3, 0, 0), None, torch.zeros(0, 0, dtype=torch.bool), None,
+            torch.zeros(0, 0, dtype=torch.bool), torch.zeros(0, dtype=torch.long),
+            n_skipped, 0, 0,
+        )
+
+    def crop_major(per_sample: list[list[Tensor]]) -> Tensor | None:
+        n_crops = len(per_sample[0])
+        if n_crops == 0:
+            return None
+        return torch.stack([views[c] for c in range(n_crops) for views in per_sample])
+
+    global_crops = crop_major([s.global_images for s in kept])
+    global_masks = crop_major([s.global_patch_masks for s in kept])
+    mim_masks = crop_major([s.mim_masks for s in kept])
+    assert global_crops is not None and global_masks is not None and mim_masks is not None
+    return CropBatch(
+        global_crops=global_crops,
+        local_crops=crop_major([s.local_images for s in kept]),
+        global_patch_masks=global_masks,
+        local_patch_masks=crop_major([s.local_patch_masks for s in kept]),
+        mim_masks=mim_masks,
+        indices=torch.tensor([s.index for s in kept], dtype=torch.long),
+        n_skipped=n_skipped,
+        n_whole_image_fallback=sum(s.whole_image_fallback for s in kept),
+        n_crop_failures=sum(s.crop_failures for s in kept),
+    )

@@ -1,0 +1,212 @@
+"""Features from a pretrained teacher backbone (spec §6).
+
+Object level, one feature per object of the mask store:
+- "masked" (default, the paper's masked inference): the whole image goes in, the [OBJ] row
+  attends only to the object's patches; its output after the final norm is the feature.
+- "crop": the image cropped to the object's box, unmasked [OBJ].
+- "blackout": background pixels set to black, unmasked [OBJ] (the paper reports it hurts).
+- "meanpool": mean of the final in-object patch tokens of an unmasked pass.
+Image level: one feature per image, the unmasked [OBJ] token (= plain [CLS] inference).
+
+The whole image is resized to a square `image_size` (no centre crop, which would cut
+objects at the border away); the object mask is patchified with the same rule as in
+training (a patch is in when the object covers at least half of it, always at least one).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from odis_core.crops.object_aware import CropBox, patch_coverage, patchify
+from odis_core.crops.photometric import normalize_only
+from odis_core.images import UnreadableImageError, list_images, load_rgb
+from odis_core.masks.store import UNKNOWN_CATEGORY, ImageRecord, MaskStore
+from odis_core.model.network import meanpool_object
+from odis_core.model.obj_vit import ObjViT
+from odis_core.train.checkpoint import load_checkpoint, load_strict, strip_prefixes
+from odis_core.train.config import PretrainConfig
+from odis_core.train.loop import build_backbone_for, build_network
+
+LEVELS = ("object", "image")
+OBJECT_MODES = ("masked", "crop", "blackout", "meanpool")
+
+
+@dataclass
+class EmbedResult:
+    features: np.ndarray  # (N, D) float32
+    labels: np.ndarray  # (N,) int64, -1 where unknown
+    meta: list[dict[str, Any]]
+    skipped: list[str] = field(default_factory=list)  # "file: reason"
+
+
+def build_backbone(config: PretrainConfig) -> ObjViT:
+    """The run's backbone architecture at its initial weights (the untrained baseline:
+    the same seed gives the same weights the run started from)."""
+    torch.manual_seed(config.seed)
+    return build_network(config, student=True).backbone
+
+
+def load_teacher_backbone(checkpoint: Path | str) -> tuple[ObjViT, PretrainConfig]:
+    """The teacher backbone of an odis checkpoint (a run directory or a checkpoint file).
+    Keys must match exactly: a partial load would silently evaluate random weights."""
+    state = load_checkpoint(checkpoint)
+    config = PretrainConfig.from_dict(state["config"], source=state["path"]).resolved()
+    backbone = build_backbone_for(config, drop_path_rate=0.0)
+    load_strict(backbone, strip_prefixes(state["teacher"], "backbone."), state["path"])
+    return backbone, config
+
+
+class _ObjectInputs(Dataset):
+    """Per image: the model inputs of each of its objects (or of the image itself)."""
+
+    def __init__(
+        self,
+        images_root: Path,
+        records: list[ImageRecord],
+        store: MaskStore | None,
+        level: str,
+        mode: str,
+        image_size: int,
+        patch_size: int,
+    ) -> None:
+        self.images_root, self.records, self.store = images_root, records, store
+        self.level, self.mode = level, mode
+        self.image_size, self.grid = image_size, (image_size // patch_size,) * 2
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def _resize(self, image: Image.Image) -> torch.Tensor:
+        size = (self.image_size, self.image_size)
+        return normalize_only(image.resize(size, Image.Resampling.BICUBIC))
+
+    def _patch_mask(self, mask: np.ndarray) -> torch.Tensor:
+        full = CropBox(0, 0, mask.shape[0], mask.shape[1])
+        return patchify(patch_coverage(torch.from_numpy(mask).float(), full, self.grid))
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        record = self.records[index]
+        try:
+            image = load_rgb(self.images_root / record.file_name)
+        except UnreadableImageError as error:
+            return {"skipped": str(error)}
+        n_patches = self.grid[0] * self.grid[1]
+        all_patches = torch.ones(n_patches, dtype=torch.bool)
+        objects = self.store.objects_of(record.image_id) if self.store is not None else []
+        if self.level == "image":
+            largest = max(objects, key=lambda o: o.area, default=None)
+            label = largest.category_id if largest is not None else UNKNOWN_CATEGORY
+            row = {"image": record.file_name, "image_id": record.image_id, "object_id": None,
+                   "category_id": label, "box": [0, 0, image.width, image.height]}
+            return {"inputs": [self._resize(image)], "masks": [all_patches], "rows": [row]}
+        inputs, masks, rows = [], [], []
+        whole = self._resize(image) if self.mode in ("masked", "meanpool") else None
+        for obj in objects:
+            mask = MaskStore.decode(obj, image.height, image.width)
+            if self.mode in ("masked", "meanpool"):
+                inputs.append(whole)
+                masks.append(self._patch_mask(mask))
+            elif self.mode == "crop":
+                x, y, w, h = obj.bbox_xywh
+                box = (int(x), int(y), max(int(x) + 1, round(x + w)), max(int(y) + 1, round(y + h)))
+                inputs.append(self._resize(image.crop(box)))
+                masks.append(all_patches)
+            else:  # blackout
+                pixels = np.asarray(image).copy()
+                pixels[~mask] = 0
+                inputs.append(self._resize(Image.fromarray(pixels)))
+                masks.append(all_patches)
+            rows.append({"image": record.file_name, "image_id": record.image_id,
+                         "object_id": obj.object_id, "category_id": obj.category_id,
+                         "box": [round(v, 2) for v in obj.bbox_xywh]})
+        return {"inputs": inputs, "masks": masks, "rows": rows}
+
+
+def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    inputs, masks, rows, skipped = [], [], [], []
+    for item in items:
+        if "skipped" in item:
+            skipped.append(item["skipped"])
+            continue
+        inputs += item["inputs"]
+        masks += item["masks"]
+        rows += item["rows"]
+    return {
+        "inputs": torch.stack(inputs) if inputs else None,
+        "masks": torch.stack(masks) if masks else None,
+        "rows": rows,
+        "skipped": skipped,
+    }
+
+
+@torch.no_grad()
+def embed(
+    backbone: ObjViT,
+    images_root: Path | str,
+    store: MaskStore | None,
+    level: str = "object",
+    mode: str = "masked",
+    image_size: int = 224,
+    batch_size: int = 64,
+    device: str = "cpu",
+    workers: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+) -> EmbedResult:
+    """Features for every object (level "object") or image (level "image").
+
+    `batch_size` counts images; all objects of a batch's images go through one forward.
+    Without a store (image level only), every image under `images_root` is embedded with
+    label -1; with one, the image's label is the category of its largest object.
+    """
+    if level not in LEVELS:
+        raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
+    if level == "object" and mode not in OBJECT_MODES:
+        raise ValueError(f"mode must be one of {OBJECT_MODES}, got {mode!r}")
+    if level == "object" and store is None:
+        raise ValueError("object-level features need a mask store (--masks)")
+    images_root = Path(images_root)
+    if store is not None:
+        records = list(store.images)
+    else:
+        records = [ImageRecord(i, name, 0, 0) for i, name in enumerate(list_images(images_root))]
+    dataset = _ObjectInputs(
+        images_root, records, store, level, mode, image_size, backbone.patch_size
+    )
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=_collate)
+    backbone = backbone.to(device).eval()
+    use_bf16 = device.startswith("cuda")
+    features, labels, meta, skipped = [], [], [], []
+    done = 0
+    for batch in loader:
+        skipped += batch["skipped"]
+        if batch["inputs"] is not None:
+            inputs = batch["inputs"].to(device, non_blocking=True)
+            masks = batch["masks"].to(device, non_blocking=True)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
+                if mode == "meanpool" and level == "object":
+                    tokens = backbone(inputs)
+                    feature = meanpool_object(tokens[:, 1:], masks)
+                else:
+                    feature = backbone(inputs, obj_patch_mask=masks)[:, 0]
+            features.append(feature.float().cpu())
+            for row in batch["rows"]:
+                category = row.pop("category_id")
+                labels.append(category)
+                row["category_id"] = category
+                row["category"] = (store.category_name(category) if store is not None
+                                   else None)
+                meta.append(row)
+        done = min(len(records), done + batch_size)
+        if progress is not None:
+            progress(done, len(records))
+    dim = backbone.embed_dim
+    stacked = torch.cat(features).numpy() if features else np.zeros((0, dim), np.float32)
+    return EmbedResult(stacked, np.asarray(labels, dtype=np.int64), meta, skipped)

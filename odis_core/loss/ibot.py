@@ -1,0 +1,164 @@
+"""iBOT's objective applied to [OBJ] (spec §5, bookkeeping in §10).
+
+L_obj: the teacher's centred, sharpened [OBJ] distribution on each global crop q is the
+target for the student's [OBJ] distribution on every other crop v != q (the other global
+crop and all local crops), averaged over all such (q, v) pairs.
+L_mim: each global crop's masked student view against the same crop's unmasked teacher
+view, at masked patches only: averaged over that image's masked patches (at least one),
+then over the batch, then over the global crops.
+The centres (one for [OBJ], one for patches) are updated after the loss with the batch
+mean of the teacher outputs, all-reduced across ranks, with momentum 0.9.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+
+def teacher_temp_schedule(
+    warmup_temp: float, final_temp: float, warmup_epochs: int, n_epochs: int
+) -> np.ndarray:
+    """(n_epochs,) teacher temperature: linear warm-up over `warmup_epochs`, then constant."""
+    warmup_epochs = min(warmup_epochs, n_epochs)
+    return np.concatenate(
+        (
+            np.linspace(warmup_temp, final_temp, warmup_epochs),
+            np.full(n_epochs - warmup_epochs, final_temp),
+        )
+    )
+
+
+@dataclass
+class LossTerms:
+    obj: torch.Tensor  # λ1·L_obj, scalar
+    mim: torch.Tensor  # λ2·L_mim, scalar
+    total: torch.Tensor
+    teacher_entropy: float = 0.0  # mean entropy of the teacher's [OBJ] distribution (nats)
+
+    def as_floats(self) -> dict[str, float]:
+        return {"loss": self.total.item(), "loss_obj": self.obj.item(), "loss_mim": self.mim.item()}
+
+
+class IBOTLoss(nn.Module):
+    def __init__(
+        self,
+        out_dim: int,
+        patch_out_dim: int,
+        n_global_crops: int,
+        n_local_crops: int,
+        n_epochs: int,
+        warmup_teacher_temp: float = 0.04,
+        teacher_temp: float = 0.07,
+        warmup_teacher_patch_temp: float = 0.04,
+        teacher_patch_temp: float = 0.07,
+        warmup_teacher_temp_epochs: int = 30,
+        student_temp: float = 0.1,
+        center_momentum: float = 0.9,
+        center_momentum_patch: float = 0.9,
+        lambda_obj: float = 1.0,
+        lambda_mim: float = 1.0,
+    ) -> None:
+        super().__init__()
+        self.n_global_crops = n_global_crops
+        self.n_local_crops = n_local_crops
+        self.student_temp = student_temp
+        self.center_momentum = center_momentum
+        self.center_momentum_patch = center_momentum_patch
+        self.lambda_obj = lambda_obj
+        self.lambda_mim = lambda_mim
+        self.register_buffer("center", torch.zeros(1, out_dim))
+        self.register_buffer("center_patch", torch.zeros(1, 1, patch_out_dim))
+        self.teacher_temps = teacher_temp_schedule(
+            warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, n_epochs
+        )
+        self.teacher_patch_temps = teacher_temp_schedule(
+            warmup_teacher_patch_temp, teacher_patch_temp, warmup_teacher_temp_epochs, n_epochs
+        )
+
+    def teacher_temperatures(self, epoch: int) -> tuple[float, float]:
+        epoch = min(epoch, len(self.teacher_temps) - 1)
+        return float(self.teacher_temps[epoch]), float(self.teacher_patch_temps[epoch])
+
+    def forward(
+        self,
+        student_obj: torch.Tensor,
+        student_local_obj: torch.Tensor | None,
+        student_patch: torch.Tensor,
+        teacher_obj: torch.Tensor,
+        teacher_patch: torch.Tensor,
+        student_mim_mask: torch.Tensor,
+        epoch: int,
+    ) -> LossTerms:
+        """Loss terms of one step; updates the centres afterwards.
+
+        student_obj: (G*B, K) student [OBJ] logits of the global crops, crop-major.
+        student_local_obj: (L*B, K) student [OBJ] logits of the local crops, or None.
+        student_patch: (G*B, N, K2) student patch logits of the masked global crops.
+        teacher_obj: (G*B, K) teacher [OBJ] logits; teacher_patch: (G*B, N, K2).
+        student_mim_mask: (G*B, N) bool, True at masked patches.
+        """
+        temp, temp_patch = self.teacher_temperatures(epoch)
+        n_global = self.n_global_crops
+
+        student_views = [student_obj] if student_local_obj is None else [
+            student_obj, student_local_obj]
+        student_obj_all = torch.cat(student_views).float() / self.student_temp
+        student_obj_chunks = student_obj_all.chunk(n_global + self.n_local_crops)
+        student_patch_chunks = (student_patch.float() / self.student_temp).chunk(n_global)
+        mim_mask_chunks = student_mim_mask.flatten(1).float().chunk(n_global)
+
+        teacher_obj_probs = F.softmax((teacher_obj.float() - self.center) / temp, dim=-1)
+        teacher_obj_chunks = teacher_obj_probs.detach().chunk(n_global)
+        teacher_patch_probs = F.softmax(
+            (teacher_patch.float() - self.center_patch) / temp_patch, dim=-1
+        )
+        teacher_patch_chunks = teacher_patch_probs.detach().chunk(n_global)
+
+        loss_obj = student_obj.new_zeros((), dtype=torch.float32)
+        loss_mim = student_obj.new_zeros((), dtype=torch.float32)
+        n_obj_terms = n_mim_terms = 0
+        for q, teacher_q in enumerate(teacher_obj_chunks):
+            for v, student_v in enumerate(student_obj_chunks):
+                if v == q:
+                    per_patch = torch.sum(
+                        -teacher_patch_chunks[q] * F.log_softmax(student_patch_chunks[v], dim=-1),
+                        dim=-1,
+                    )
+                    mask = mim_mask_chunks[v]
+                    per_image = (per_patch * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
+                    loss_mim = loss_mim + per_image.mean()
+                    n_mim_terms += 1
+                else:
+                    per_image = torch.sum(-teacher_q * F.log_softmax(student_v, dim=-1), dim=-1)
+                    loss_obj = loss_obj + per_image.mean()
+                    n_obj_terms += 1
+        loss_obj = loss_obj / max(n_obj_terms, 1) * self.lambda_obj
+        loss_mim = loss_mim / max(n_mim_terms, 1) * self.lambda_mim
+        # Collapse shows as this entropy pinned near ln(out_dim) (uniform) or near 0 (one-hot).
+        entropy = -(teacher_obj_probs * teacher_obj_probs.clamp_min(1e-12).log()).sum(-1).mean()
+        self.update_centers(teacher_obj, teacher_patch)
+        return LossTerms(
+            obj=loss_obj, mim=loss_mim, total=loss_obj + loss_mim, teacher_entropy=entropy.item()
+        )
+
+    @torch.no_grad()
+    def update_centers(self, teacher_obj: torch.Tensor, teacher_patch: torch.Tensor) -> None:
+        """EMA of the batch mean of the teacher outputs, averaged over all ranks."""
+        obj_sum = teacher_obj.float().sum(dim=0, keepdim=True)
+        patch_sum = teacher_patch.float().mean(dim=1).sum(dim=0, keepdim=True)
+        count = torch.tensor(float(len(teacher_obj)), device=obj_sum.device)
+        if dist.is_available() and dist.is_initialized():
+            for tensor in (obj_sum, patch_sum, count):
+                dist.all_reduce(tensor)
+        self.center.mul_(self.center_momentum).add_(
+            obj_sum / count, alpha=1 - self.center_momentum
+        )
+        self.center_patch.mul_(self.center_momentum_patch).add_(
+            patch_sum.unsqueeze(1) / count, alpha=1 - self.center_momentum_patch
+        )

@@ -1,0 +1,346 @@
+"""Class-agnostic objects from segment-anything's automatic mask generator into a mask store.
+
+SAM over a large image folder takes GPU-days, so a run can be interrupted, re-run and split
+(spec §11: re-running a mask job over an existing output resumes; §12: `--shard I/N`).
+Each image's result is appended to a journal, `OUT/sam_journal/shard-I-of-N.jsonl`, as
+soon as it is computed. A re-run with the same settings segments only the images no
+journal holds yet; a run with other settings refuses to touch OUT. With `shard=(i, n)` a
+process segments every n-th image from the i-th, so n processes (or machines sharing OUT)
+split one folder. Whichever call finds every image journaled writes the store; until
+then OUT has no manifest, so nobody reads a partial store. The journal can be deleted once
+the store is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pickle
+import weakref
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import segment_anything
+import torch
+from pycocotools import mask as mask_utils
+from segment_anything import SamAutomaticMaskGenerator
+from segment_anything.modeling import Sam
+
+from odis_core.images import UnreadableImageError, list_images, load_rgb
+from odis_core.masks.store import (
+    UNKNOWN_CATEGORY,
+    ImageRecord,
+    MaskStore,
+    ObjectRecord,
+    write_store,
+)
+
+SAM_MODEL_TYPES = ("vit_b", "vit_l", "vit_h")
+JOURNAL_DIR = "sam_journal"
+JOURNAL_FORMAT = "odis-sam-journal"
+
+# What `load_sam` built each model from, for the store's settings, without adding
+# attributes to the module itself.
+_ORIGIN: weakref.WeakKeyDictionary[torch.nn.Module, dict[str, str]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+class SamError(Exception):
+    """A SAM model, checkpoint or output that cannot be used; one line naming the file."""
+
+
+@dataclass
+class SamReport:
+    """Counts over the images of this call's shard (the whole folder without sharding)."""
+
+    n_images: int  # readable images segmented (including those taken from the journal)
+    n_objects: int  # masks kept on those images
+    n_skipped: int  # unreadable images
+    skipped: list[str] = field(default_factory=list)  # "file: reason"
+    n_resumed: int = 0  # images whose result an earlier run had journaled
+    complete: bool = True  # False: other shards still miss images; no store written yet
+
+
+def load_sam(model_type: str, checkpoint: Path, device: str = "cpu") -> Sam:
+    """Build SAM `model_type` with the weights of `checkpoint`, in eval mode on `device`."""
+    if model_type not in SAM_MODEL_TYPES:
+        raise SamError(
+            f"{checkpoint}: unknown SAM model type {model_type!r} "
+            f"(choose one of {', '.join(SAM_MODEL_TYPES)})"
+        )
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_file():
+        raise SamError(f"{checkpoint}: SAM checkpoint not found")
+    try:
+        sam = segment_anything.sam_model_registry[model_type](checkpoint=str(checkpoint))
+    except RuntimeError as error:
+        # load_state_dict lists every mismatching key over many lines; the first says enough.
+        details = [line.strip() for line in str(error).splitlines() if line.strip()]
+        detail = details[1] if len(details) > 1 else (details[0] if details else "")
+        if "state_dict" in str(error):
+            raise SamError(
+                f"{checkpoint}: weights do not fit SAM {model_type} (is it a {model_type} "
+                f"checkpoint?): {detail[:300]}"
+            ) from None
+        raise SamError(f"{checkpoint}: cannot load ({detail[:300]})") from None
+    except (pickle.UnpicklingError, EOFError, ValueError, OSError) as error:
+        first_line = str(error).strip().split("\n")[0][:300]
+        raise SamError(f"{checkpoint}: not a readable checkpoint ({first_line})") from None
+    sam = sam.to(device).eval()
+    _ORIGIN[sam] = {"model_type": model_type, "checkpoint": checkpoint.name}
+    return sam
+
+
+def _quality(record: dict[str, Any]) -> float:
+    """SAM's own ranking signal, predicted IoU x stability; NaN (0/0 stability of an empty
+    mask) ranks last."""
+    value = float(record["predicted_iou"]) * float(record["stability_score"])
+    return value if math.isfinite(value) else -math.inf
+
+
+def select_masks(
+    records: list[dict[str, Any]], max_masks: int | None = None, min_area: float = 0.0
+) -> list[dict[str, Any]]:
+    """The generator's records with area >= `min_area` (empty masks never), best
+    predicted_iou x stability_score first, at most `max_masks` of them."""
+    kept = [r for r in records if r["area"] > 0 and r["area"] >= min_area]
+    kept.sort(key=_quality, reverse=True)  # stable: ties keep SAM's order
+    return kept if max_masks is None else kept[:max_masks]
+
+
+def _plain(value: Any) -> Any:
+    """JSON-ready copy (point_grids arrive as numpy arrays), so settings compare after a
+    round trip through the journal."""
+    return json.loads(json.dumps(value, default=lambda v: np.asarray(v).tolist()))
+
+
+def _differing(found: Any, wanted: dict[str, Any]) -> list[str]:
+    """Names of the settings that differ between a recorded run and this one."""
+    found = found if isinstance(found, dict) else {}
+    return sorted(key for key in set(found) | set(wanted) if found.get(key) != wanted.get(key))
+
+
+def _read_journal(path: Path, header: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Entries by file name of one journal; refuses a journal made with other settings."""
+    entries: dict[str, dict[str, Any]] = {}
+    with open(path, encoding="utf-8") as handle:
+        lines = handle.read().split("\n")
+    try:
+        found = json.loads(lines[0])
+    except json.JSONDecodeError:
+        found = None
+    if not isinstance(found, dict) or found.get("format") != JOURNAL_FORMAT:
+        raise SamError(f"{path}: not an odis SAM journal; delete it or write elsewhere")
+    if found != header:
+        differing = _differing(found.get("settings"), header["settings"])
+        if found.get("images_root") != header["images_root"]:
+            differing.append("images_root")
+        raise SamError(
+            f"{path}: an earlier run with other settings ({', '.join(differing)}); "
+            "write to another directory or delete this journal"
+        )
+    for line in lines[1:]:
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a killed run: that image is segmented again
+        if isinstance(entry, dict) and "file_name" in entry:
+            entries[entry["file_name"]] = entry
+    return entries
+
+
+def _journaled(out: Path, header: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Entries of every shard's journal; a segmented result beats a skip of the same file."""
+    merged: dict[str, dict[str, Any]] = {}
+    for path in sorted((out / JOURNAL_DIR).glob("shard-*.jsonl")):
+        for name, entry in _read_journal(path, header).items():
+            if name not in merged or "skipped" in merged[name]:
+                merged[name] = entry
+    return merged
+
+
+@contextmanager
+def _journal_writer(path: Path, header: dict[str, Any]) -> Iterator[IO[str]]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        # Drop a last line cut short by a killed run, so the next entry starts on its own line.
+        text = path.read_bytes()
+        cut = text.rfind(b"\n") + 1
+        if cut < len(text):
+            with open(path, "r+b") as handle:
+                handle.truncate(cut)
+    else:
+        path.write_text(json.dumps(header) + "\n", encoding="utf-8")
+    with open(path, "a", encoding="utf-8") as handle:
+        yield handle
+
+
+def _refuse_other_store(out: Path, settings: dict[str, Any]) -> None:
+    """Never overwrite a COCO import, or SAM masks made with other settings, in OUT."""
+    manifest_path = out / "manifest.json"
+    if not manifest_path.is_file():
+        return
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        manifest = {}
+    if manifest.get("source") != "sam":
+        raise SamError(
+            f"{manifest_path}: OUT already holds a {manifest.get('source', 'non-SAM')!r} mask "
+            "store; write SAM masks to another directory"
+        )
+    if manifest.get("settings") != settings:
+        differing = ", ".join(_differing(manifest.get("settings"), settings))
+        raise SamError(
+            f"{manifest_path}: OUT holds SAM masks made with other settings ({differing}); "
+            "write to another directory or delete it"
+        )
+
+
+def _segment(
+    generator: SamAutomaticMaskGenerator,
+    images_root: Path,
+    name: str,
+    max_masks: int | None,
+    min_area: float,
+) -> dict[str, Any]:
+    """One journal entry: the kept masks of image `name`, or why it was skipped."""
+    try:
+        rgb = load_rgb(images_root / name)
+    except UnreadableImageError as error:
+        return {"file_name": name, "skipped": error.reason}
+    with torch.inference_mode():
+        records = generator.generate(np.asarray(rgb))
+    masks = [
+        {"rle": record["segmentation"], "score": float(record["predicted_iou"])}
+        for record in select_masks(records, max_masks, min_area)
+    ]
+    return {"file_name": name, "width": rgb.width, "height": rgb.height, "masks": masks}
+
+
+def _build_store(
+    names: list[str], entries: dict[str, dict[str, Any]]
+) -> tuple[list[ImageRecord], list[ObjectRecord]]:
+    """Images in sorted file order (id = position + 1), objects best first within each."""
+    images: list[ImageRecord] = []
+    objects: list[ObjectRecord] = []
+    for position, name in enumerate(names):
+        entry = entries[name]
+        if "skipped" in entry:
+            continue
+        image_id = position + 1
+        images.append(ImageRecord(image_id, name, int(entry["width"]), int(entry["height"])))
+        for mask in entry["masks"]:
+            rle = mask["rle"]
+            objects.append(
+                ObjectRecord(
+                    object_id=len(objects) + 1,
+                    image_id=image_id,
+                    category_id=UNKNOWN_CATEGORY,
+                    bbox_xywh=tuple(float(v) for v in mask_utils.toBbox(rle)),  # type: ignore[arg-type]
+                    area=float(mask_utils.area(rle)),
+                    rle=rle,
+                    score=mask["score"],
+                )
+            )
+    return images, objects
+
+
+def generate_sam_masks(
+    images_root: Path,
+    out: Path,
+    sam: Sam,
+    generator_kwargs: dict[str, Any] | None = None,
+    max_masks: int | None = None,
+    min_area: float = 0.0,
+    progress: Callable[[int, int], None] | None = None,
+    shard: tuple[int, int] | None = None,
+) -> tuple[MaskStore | None, SamReport]:
+    """Segment every image under `images_root` (sorted order) with SAM's automatic mask
+    generator and write the masks as a class-agnostic store at `out`.
+
+    `generator_kwargs` holds only the generator settings the user set (SAM's defaults
+    otherwise). Masks with area >= `min_area` are kept, at most `max_masks` per image (best
+    predicted_iou x stability_score); each object's score is SAM's predicted IoU.
+    Unreadable images are skipped and reported, never fatal. `progress(done, total)` counts
+    this call's images. `shard=(i, n)` segments images i, i+n, i+2n, ... only; the store is
+    returned once every image is done (by any shard), else None with `report.complete`
+    False. Resumes from `out`'s journal when one exists (see the module docstring).
+    """
+    if max_masks is not None and max_masks < 1:
+        raise ValueError(f"max_masks must be >= 1, got {max_masks}")
+    if min_area < 0:
+        raise ValueError(f"min_area must be >= 0, got {min_area}")
+    shard_index, shard_count = shard if shard is not None else (0, 1)
+    if not 0 <= shard_index < shard_count:
+        raise ValueError(f"shard must be (i, n) with 0 <= i < n, got {shard}")
+    images_root, out = Path(images_root), Path(out)
+    names = list_images(images_root)
+    generator_kwargs = dict(generator_kwargs or {})
+    try:
+        generator = SamAutomaticMaskGenerator(sam, output_mode="coco_rle", **generator_kwargs)
+    except (TypeError, ValueError, AssertionError, ImportError) as error:
+        raise SamError(f"invalid SAM generator settings {generator_kwargs} ({error})") from None
+    origin = _ORIGIN.get(sam, {})
+    settings = _plain(
+        {
+            "model_type": origin.get("model_type"),
+            "checkpoint": origin.get("checkpoint"),
+            "generator_kwargs": generator_kwargs,
+            "max_masks": max_masks,
+            "min_area": min_area,
+        }
+    )
+    header = {
+        "format": JOURNAL_FORMAT,
+        "images_root": str(images_root.resolve()),
+        "settings": settings,
+    }
+    journaled = _journaled(out, header)
+    _refuse_other_store(out, settings)
+    mine = names[shard_index::shard_count]
+    # Unreadable images are tried again: the user may have replaced them since.
+    todo = [name for name in mine if name not in journaled or "skipped" in journaled[name]]
+    n_resumed = len(mine) - len(todo)
+
+    journal_path = out / JOURNAL_DIR / f"shard-{shard_index}-of-{shard_count}.jsonl"
+    if progress is not None:
+        progress(n_resumed, len(mine))
+    with _journal_writer(journal_path, header) as journal:
+        for done, name in enumerate(todo, start=n_resumed + 1):
+            entry = _segment(generator, images_root, name, max_masks, min_area)
+            journal.write(json.dumps(entry) + "\n")
+            journal.flush()  # a killed run loses at most the image in flight
+            journaled[name] = entry
+            if progress is not None:
+                progress(done, len(mine))
+
+    report = _report([journaled[name] for name in mine], n_resumed)
+    entries = _journaled(out, header)  # other shards may have finished meanwhile
+    entries.update({name: journaled[name] for name in mine})
+    if any(name not in entries for name in names):
+        report.complete = False
+        return None, report
+    images, objects = _build_store(names, entries)
+    store = write_store(
+        out, images, objects, {}, source="sam", images_root=images_root, settings=settings
+    )
+    return store, report
+
+
+def _report(entries: list[dict[str, Any]], n_resumed: int) -> SamReport:
+    segmented = [entry for entry in entries if "skipped" not in entry]
+    skipped = [f"{entry['file_name']}: {entry['skipped']}" for entry in entries
+               if "skipped" in entry]
+    return SamReport(
+        n_images=len(segmented),
+        n_objects=sum(len(entry["masks"]) for entry in segmented),
+        n_skipped=len(skipped),
+        skipped=skipped,
+        n_resumed=n_resumed,
+    )

@@ -1,0 +1,29 @@
+"""Figures about a mask store: what a user checks before trusting it for training."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from odis_core.masks.store import MaskStore
+
+
+def store_statistics(store: MaskStore) -> dict[str, Any]:
+    """Counts, objects per image, area percentiles; images without objects train on the
+    whole image (spec §2), so their number is reported."""
+    per_image = np.array([len(store.objects_of(image.image_id)) for image in store.images])
+    areas = np.array([obj.area for obj in store.objects], dtype=np.float64)
+    figures: dict[str, Any] = {
+        "source": store.source,
+        "images": len(store.images),
+        "objects": len(store.objects),
+        "images_without_objects": store.n_images_without_objects,
+        "categories": len(store.categories),
+        "objects_per_image_mean": round(float(per_image.mean()), 2) if per_image.size else 0.0,
+        "objects_per_image_max": int(per_image.max()) if per_image.size else 0,
+    }
+    for percentile in (10, 50, 90):
+        value = float(np.percentile(areas, percentile)) if areas.size else 0.0
+        figures[f"area_p{percentile}"] = round(value, 1)
+    return figures

@@ -1,0 +1,63 @@
+"""Backbone + head as used for distillation: one object-level feature and the patch tokens.
+
+`feature` chooses what stands for the object (spec §8 ablations):
+- "obj": the [OBJ] token, whose attention row is masked to the object when
+  `masked_attention` is on (ODIS), or sees everything when it is off (iBOT's [CLS]);
+- "meanpool": the mean of the in-object patch tokens (the authors report it collapses).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from odis_core.model.heads import IBOTHead
+from odis_core.model.obj_vit import ObjViT
+
+FEATURES = ("obj", "meanpool")
+
+
+def meanpool_object(patch_tokens: torch.Tensor, obj_patch_mask: torch.Tensor) -> torch.Tensor:
+    """(B, N, D) tokens, (B, N) bool mask -> (B, D) mean over the object's patches."""
+    weights = obj_patch_mask.to(patch_tokens.dtype).unsqueeze(-1)
+    return (patch_tokens * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+
+
+class DistillationNetwork(nn.Module):
+    def __init__(
+        self,
+        backbone: ObjViT,
+        head: IBOTHead,
+        masked_attention: bool = True,
+        feature: str = "obj",
+    ) -> None:
+        super().__init__()
+        if feature not in FEATURES:
+            raise ValueError(f"feature must be one of {FEATURES}, got {feature!r}")
+        self.backbone = backbone
+        self.head = head
+        self.masked_attention = masked_attention and feature == "obj"
+        self.feature = feature
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        obj_patch_mask: torch.Tensor,
+        mim_mask: torch.Tensor | None = None,
+        with_patches: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """images (B, 3, H, W), obj_patch_mask (B, N) bool, mim_mask (B, N) bool or None.
+
+        Returns object logits (B, K) and, if `with_patches`, patch logits (B, N, K).
+        The head runs once over all tokens (shared head).
+        """
+        attention_mask = obj_patch_mask if self.masked_attention else None
+        tokens = self.backbone(images, obj_patch_mask=attention_mask, mim_mask=mim_mask)
+        if self.feature == "meanpool":
+            object_token = meanpool_object(tokens[:, 1:], obj_patch_mask).unsqueeze(1)
+        else:
+            object_token = tokens[:, :1]
+        if not with_patches:
+            return self.head(object_token).squeeze(1), None
+        logits = self.head(torch.cat([object_token, tokens[:, 1:]], dim=1))
+        return logits[:, 0], logits[:, 1:]

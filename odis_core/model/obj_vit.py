@@ -1,0 +1,122 @@
+"""The [OBJ] Vision Transformer: a timm ViT whose [CLS] token becomes [OBJ] (spec §4).
+
+Masked attention: in every block, the [OBJ] query row may attend only to its own key and
+to the patches of one object; every other row (the patch tokens) keeps full attention,
+because patches need the context. Everything else — patch embedding, position embedding,
+blocks, attention kernels, final norm — is timm's own code on timm's own weights, so a
+backbone exported from here loads into `timm.create_model` unchanged, and with an
+all-true mask the model computes exactly what timm computes (tested).
+
+iBOT's masked-image modelling needs one addition: a learnable mask token that replaces the
+embedding of masked patches before the position embedding is added (student only).
+"""
+
+from __future__ import annotations
+
+import timm
+import torch
+from torch import nn
+
+# Short names users know from DINO/iBOT, mapped to timm architectures (patch 16).
+ARCHITECTURES = {
+    "vit_tiny": "vit_tiny_patch16_224",
+    "vit_small": "vit_small_patch16_224",
+    "vit_base": "vit_base_patch16_224",
+    "vit_large": "vit_large_patch16_224",
+}
+
+
+def resolve_arch(arch: str) -> str:
+    """timm model name for a short name (`vit_small`) or a timm ViT name passed through."""
+    name = ARCHITECTURES.get(arch, arch)
+    if name not in timm.list_models("vit_*"):
+        known = ", ".join(ARCHITECTURES)
+        raise ValueError(f"unknown architecture {arch!r}: use one of {known} or a timm vit_* name")
+    return name
+
+
+def obj_attention_mask(obj_patch_mask: torch.Tensor) -> torch.Tensor:
+    """Boolean SDPA mask from a per-patch object mask.
+
+    obj_patch_mask: (B, N) bool, True where the [OBJ] query may attend to patch n.
+    Returns (B, 1, 1 + N, 1 + N) bool, True = attend: row 0 ([OBJ]) sees its own key and the
+    object's patches; rows 1.. (patches) see everything.
+    """
+    batch, n_patches = obj_patch_mask.shape
+    mask = torch.ones(
+        batch, 1, 1 + n_patches, 1 + n_patches, dtype=torch.bool, device=obj_patch_mask.device
+    )
+    mask[:, 0, 0, 1:] = obj_patch_mask
+    return mask
+
+
+class ObjViT(nn.Module):
+    """timm ViT with an [OBJ] token (timm's class token) and masked [OBJ] attention.
+
+    `vit` is a plain `timm.models.VisionTransformer` (no classifier head); its state dict
+    has timm's key names. `mask_token` is iBOT's learnable embedding for masked patches.
+    """
+
+    def __init__(
+        self,
+        arch: str = "vit_small",
+        img_size: int = 224,
+        patch_size: int | None = None,
+        drop_path_rate: float = 0.1,
+        **timm_kwargs,
+    ) -> None:
+        super().__init__()
+        kwargs = dict(
+            pretrained=False,
+            num_classes=0,
+            img_size=img_size,
+            drop_path_rate=drop_path_rate,
+            # Local crops (96 px) and global crops (224 px) share one model: timm resamples
+            # the position embedding to the input's grid, as iBOT's interpolate_pos_encoding.
+            dynamic_img_size=True,
+            **timm_kwargs,
+        )
+        if patch_size is not None:
+            kwargs["patch_size"] = patch_size
+        self.arch = resolve_arch(arch)
+        self.vit = timm.create_model(self.arch, **kwargs)
+        if not getattr(self.vit, "has_class_token", False) or self.vit.num_prefix_tokens != 1:
+            raise ValueError(f"{self.arch}: [OBJ] needs exactly one class token and no registers")
+        self.embed_dim: int = self.vit.embed_dim
+        self.patch_size: int = self.vit.patch_embed.patch_size[0]
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, 1, self.embed_dim))
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        obj_patch_mask: torch.Tensor | None = None,
+        mim_mask: torch.Tensor | None = None,
+        force_masked_path: bool = False,
+    ) -> torch.Tensor:
+        """All tokens after the final norm.
+
+        images: (B, 3, H, W) normalised.
+        obj_patch_mask: (B, N) bool, True where the [OBJ] row may attend; None = all patches.
+        mim_mask: (B, N) bool, True where the patch embedding is replaced by the mask token.
+        force_masked_path: run the masked-attention kernel even for an all-true mask (the
+            test that the mask path equals timm uses it).
+        Returns (B, 1 + N, D): token 0 is [OBJ], tokens 1.. the patches in raster order.
+        """
+        tokens = self.vit.patch_embed(images)  # (B, gh, gw, D): dynamic_img_size keeps the grid
+        if mim_mask is not None:
+            mim_grid = mim_mask.view(tokens.shape[:3]).unsqueeze(-1)
+            tokens = torch.where(mim_grid, self.mask_token.to(tokens.dtype), tokens)
+        tokens = self.vit._pos_embed(tokens)
+        tokens = self.vit.patch_drop(tokens)
+        tokens = self.vit.norm_pre(tokens)
+        if obj_patch_mask is None:
+            n_patches = tokens.shape[1] - 1
+            obj_patch_mask = tokens.new_ones(tokens.shape[0], n_patches, dtype=torch.bool)
+        if not force_masked_path and bool(obj_patch_mask.all()):
+            # All-true mask: the unmasked path keeps the fused (flash) attention kernel.
+            tokens = self.vit.blocks(tokens)
+        else:
+            attn_mask = obj_attention_mask(obj_patch_mask)
+            for block in self.vit.blocks:
+                tokens = block(tokens, attn_mask=attn_mask)
+        return self.vit.norm(tokens)

@@ -1,0 +1,136 @@
+"""Pretraining configuration: every default in one place, iBOT's numbers (spec §10).
+
+Defaults follow the published iBOT ViT-S/16 recipe (teacher temperature 0.07, shared
+head with trainable last-layer gain, 10 local crops of 96 px, global scale (0.25, 1),
+local scale (0.05, 0.25), MIM ratio 0 or 0.1-0.5 per crop) and iBOT's code defaults for
+the rest. A run writes its resolved configuration to `RUN_DIR/config.json`; `--config
+FILE` reads the same JSON format (any subset of keys), and command-line options override it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+OBJECTIVES = ("odis", "image")
+
+
+@dataclass
+class PretrainConfig:
+    # Model (spec §4)
+    arch: str = "vit_small"
+    patch_size: int = 16
+    depth: int | None = None  # None: the architecture's own depth (12 for ViT-S/B)
+    drop_path: float = 0.1
+    out_dim: int = 8192  # shared head: the patch head has the same out_dim
+    head_hidden_dim: int = 2048
+    head_bottleneck_dim: int = 256
+    head_layers: int = 3
+    norm_last_layer: bool = False
+
+    # Method and its ablations (spec §8). "image" = plain iBOT: random crops, unmasked [CLS].
+    objective: str = "odis"
+    masked_attention: bool = True
+    object_crops: bool = True
+    feature: str = "obj"  # "obj" ([OBJ] token) or "meanpool" (mean of in-object patches)
+    min_object_area: float = 0.0
+
+    # Multi-crop (spec §3)
+    global_size: int = 224
+    local_size: int = 96
+    n_global_crops: int = 2
+    n_local_crops: int = 10
+    global_scale: tuple[float, float] = (0.25, 1.0)
+    local_scale: tuple[float, float] = (0.05, 0.25)
+    max_crop_tries: int = 20
+
+    # Block-wise MIM masks (iBOT)
+    pred_ratio: tuple[float, float] = (0.0, 0.3)
+    pred_ratio_var: tuple[float, float] = (0.0, 0.2)
+    min_patches_per_block: int = 16
+
+    # Objective (spec §5)
+    student_temp: float = 0.1
+    warmup_teacher_temp: float = 0.04
+    teacher_temp: float = 0.07
+    warmup_teacher_patch_temp: float = 0.04
+    teacher_patch_temp: float = 0.07
+    warmup_teacher_temp_epochs: int = 30
+    center_momentum: float = 0.9
+    lambda_obj: float = 1.0
+    lambda_mim: float = 1.0
+
+    # Optimisation (spec §10)
+    epochs: int = 100
+    batch_size: int = 64  # per process
+    lr: float = 5e-4  # for a total batch of 256; scaled linearly with the total batch
+    min_lr: float = 1e-6
+    warmup_epochs: int = 10
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    momentum_teacher: float = 0.996
+    clip_grad: float = 3.0  # per-parameter gradient norm; 0 disables
+    freeze_last_layer: int = 1  # epochs during which the head's last layer is frozen
+
+    # Run
+    seed: int = 0
+    device: str = "auto"  # "auto", "cpu", "cuda"
+    workers: int = 4
+    max_steps: int | None = None  # stop early; schedules still follow `epochs`
+    save_every: int | None = None  # steps between checkpoints (also saved at each epoch end)
+
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def resolved(self) -> PretrainConfig:
+        """A validated copy with the objective's implications and clamped warm-ups applied."""
+        config = dataclasses.replace(self)
+        if config.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {config.objective!r}")
+        if config.objective == "image":
+            config.masked_attention = False
+            config.object_crops = False
+            config.feature = "obj"
+        # iBOT's schedules need warm-ups no longer than the run; short runs shorten them.
+        config.warmup_epochs = min(config.warmup_epochs, config.epochs)
+        config.warmup_teacher_temp_epochs = min(config.warmup_teacher_temp_epochs, config.epochs)
+        for name in ("epochs", "batch_size", "n_global_crops", "patch_size"):
+            if getattr(config, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if config.n_global_crops != 2:
+            raise ValueError("iBOT's objective needs exactly 2 global crops")
+        for size_name in ("global_size", "local_size"):
+            if getattr(config, size_name) % config.patch_size:
+                raise ValueError(f"{size_name} must be a multiple of patch_size")
+        return config
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> PretrainConfig:
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ValueError(f"{source}: unknown option(s) {', '.join(unknown)}")
+        converted = {
+            name: tuple(value) if isinstance(value, list) else value
+            for name, value in values.items()
+        }
+        return cls(**converted)
+
+
+def load_config_file(path: Path | str) -> PretrainConfig:
+    """A PretrainConfig from a JSON file holding any subset of the fields."""
+    path = Path(path)
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"{path}: config file not found") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: malformed JSON ({error})") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a JSON object of options")
+    return PretrainConfig.from_dict(values, source=str(path))

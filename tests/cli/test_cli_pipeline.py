@@ -1,0 +1,85 @@
+"""The four commands end to end through Typer's test runner, at a tiny size."""
+
+import json
+
+import numpy as np
+from typer.testing import CliRunner
+
+from odis_cli.app import app
+
+runner = CliRunner()
+
+
+def test_demo_runs_the_whole_pipeline_and_writes_demo_json(tmp_path):
+    workdir = tmp_path / "demo"
+    result = runner.invoke(app, [
+        "demo", "--workdir", str(workdir), "--train-scenes", "32", "--test-scenes", "16",
+        "--epochs", "1", "--workers", "0", "--device", "cpu",
+    ])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((workdir / "demo.json").read_text())
+    for network in ("pretrained", "untrained"):
+        assert set(summary[network]) == {"10", "20", "100", "200"}
+        for figures in summary[network].values():
+            assert 0.0 <= figures["top1"] <= figures["top5"] <= 100.0
+    assert 0 < summary["chance"]["top1"] < 100
+    features = np.load(workdir / "features" / "pretrained_test" / "features.npy")
+    labels = np.load(workdir / "features" / "pretrained_test" / "labels.npy")
+    assert features.shape[0] == labels.shape[0] == summary["n_test"]
+    assert (workdir / "run" / "checkpoint.pt").is_file()
+    assert json.loads((workdir / "run" / "config.json").read_text())["arch"] == "vit_tiny"
+    assert "top-1" in result.output
+
+
+def test_commands_one_by_one_with_resume(tmp_path):
+    from odis_core.scenes.synthetic import SceneConfig, generate_scenes
+
+    splits = generate_scenes(tmp_path / "scenes", 12, 6, seed=3,
+                             config=SceneConfig(image_size=32))
+    store = tmp_path / "masks"
+    result = runner.invoke(app, ["masks", "coco", "--images", str(splits["train"].images_dir),
+                                 "--annotations", str(splits["train"].annotations),
+                                 "--out", str(store)])
+    assert result.exit_code == 0, result.output
+    stats_json = tmp_path / "stats.json"
+    result = runner.invoke(app, ["masks", "stats", str(store), "--json", str(stats_json)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(stats_json.read_text())["images"] == 12
+
+    run = tmp_path / "run"
+    common = ["pretrain", "--masks", str(store), "--out", str(run), "--arch", "vit_tiny",
+              "--patch-size", "8", "--global-size", "32", "--local-size", "16",
+              "--n-local-crops", "2", "--out-dim", "64", "--batch-size", "4", "--epochs", "2",
+              "--workers", "0", "--device", "cpu"]
+    result = runner.invoke(app, common + ["--max-steps", "2"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, common + ["--resume", "--max-steps", "4"])
+    assert result.exit_code == 0, result.output
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+    features = tmp_path / "features"
+    result = runner.invoke(app, ["embed", "--checkpoint", str(run), "--images",
+                                 str(splits["train"].images_dir), "--masks", str(store),
+                                 "--out", str(features), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    report = tmp_path / "knn.json"
+    result = runner.invoke(app, ["knn", "--train", str(features), "--test", str(features),
+                                 "--k", "1,5", "--json", str(report)])
+    assert result.exit_code == 0, result.output
+    # With queries equal to the bank, every object whose feature is unique finds itself.
+    # (Two objects of one image can share a feature when, at this 4x4 patch grid, their
+    # patchified masks are identical; those may lose the tie.)
+    bank = np.load(features / "features.npy")
+    assert bank.shape[0] == len((features / "meta.jsonl").read_text().splitlines())
+    unique_rows = np.unique(bank.round(5), axis=0, return_counts=True)[1]
+    unique_share = 100.0 * (unique_rows == 1).sum() / bank.shape[0]
+    assert json.loads(report.read_text())["results"]["1"]["top1"] >= unique_share - 1e-6
+
+
+def test_errors_are_one_line_and_name_the_file(tmp_path):
+    missing = tmp_path / "nowhere"
+    result = runner.invoke(app, ["knn", "--train", str(missing), "--test", str(missing)])
+    assert result.exit_code != 0
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and "nowhere" in lines[0] and "Traceback" not in result.output
