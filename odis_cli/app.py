@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from odis_cli import demo, embed, knn, masks, pretrain
+from odis_cli import demo, embed, export, knn, masks, pretrain
 from odis_cli.ui import Settings
 
 app = typer.Typer(
@@ -39,6 +39,7 @@ def _main(
 
 app.add_typer(masks.app, name="masks")
 app.command("pretrain")(pretrain.pretrain)
+app.command("export")(export.export)
 app.command("embed")(embed.embed)
 app.command("knn")(knn.knn)
 app.command("demo")(demo.demo)

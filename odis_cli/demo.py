@@ -25,8 +25,10 @@ def demo(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     seed: Annotated[int, typer.Option(help="Seed of scenes, weights and crops.")] = 0,
 ) -> None:
-    """Generate scenes, import their masks, pretrain, embed, and compare k-NN accuracy of
-    the pretrained teacher with the same network untrained."""
+    """The whole pipeline on synthetic scenes: pretrained vs untrained object-level k-NN.
+
+    Generates scenes, imports their masks, pretrains, embeds both networks and prints
+    the k-NN table; every artifact and demo.json stay in --workdir."""
     from odis_core.demo import DemoSettings, demo_summary
     from odis_core.embed.features import write_features
     from odis_core.embed.inference import build_backbone, embed, load_teacher_backbone
@@ -91,8 +93,8 @@ def demo(
                                 "depth": config.depth, "patch_size": config.patch_size}},
         )
         (workdir / "demo.json").write_text(json.dumps(summary, indent=2) + "\n")
-    title = (f"object-level weighted k-NN on synthetic scenes "
-             f"({summary['n_train']} train / {summary['n_test']} test objects)")
+    title = (f"object-level weighted k-NN, synthetic scenes\n"
+             f"{summary['n_train']} train / {summary['n_test']} test objects")
     console.print(knn_table(title, {"pretrained": reports["pretrained"],
                                     "untrained": reports["untrained"]}))
     console.print(

@@ -17,8 +17,10 @@ def knn_table(title: str, columns: dict[str, dict]) -> Table:
     table = Table(title=title)
     table.add_column("k", justify="right")
     for name in columns:
-        table.add_column(f"{name} top-1", justify="right")
-        table.add_column(f"{name} top-5", justify="right")
+        # Two header lines keep a two-network table inside 80 columns.
+        prefix = f"{name}\n" if len(columns) > 1 else ""
+        table.add_column(f"{prefix}top-1", justify="right")
+        table.add_column(f"{prefix}top-5", justify="right")
     ks = next(iter(columns.values()))["results"].keys()
     for k in ks:
         cells = []

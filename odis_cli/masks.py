@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from odis_cli.ui import cli_errors, console, progress_callback
+from odis_cli.ui import cli_errors, console, fail, progress_callback
 
 app = typer.Typer(
     help="Object masks for an image folder, into one mask store.", no_args_is_help=True
@@ -68,6 +68,11 @@ def sam(
     min_mask_region_area: Annotated[
         int | None, typer.Option(help="SAM generator setting (needs opencv).")
     ] = None,
+    shard: Annotated[
+        str | None,
+        typer.Option(help="I/N: segment every N-th image from the I-th (0-based); the last "
+                     "shard to finish writes the store."),
+    ] = None,
 ) -> None:
     """Class-agnostic objects from segment-anything's automatic mask generator."""
     import torch
@@ -90,17 +95,28 @@ def sam(
     }
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    shard_pair = _parse_shard(shard) if shard is not None else None
     with cli_errors():
         model = load_sam(model_type, checkpoint, device=device)
         with progress_callback("segmenting") as progress:
             store, report = generate_sam_masks(
                 images, out, model, generator_kwargs=generator_kwargs, max_masks=max_masks,
-                min_area=min_area, progress=progress,
+                min_area=min_area, progress=progress, shard=shard_pair,
             )
-    rows = {"images": report.n_images, "objects": report.n_objects, "skipped": report.n_skipped}
-    console.print(_summary_table(f"mask store {out}", rows))
+    rows = {"images": report.n_images, "objects": report.n_objects,
+            "skipped": report.n_skipped, "resumed": report.n_resumed}
+    title = f"mask store {out}" if store is not None else (
+        f"shard {shard} of {out} (the store is written when every shard has finished)")
+    console.print(_summary_table(title, rows))
     for line in report.skipped[:20]:
         console.print(f"[yellow]skipped[/yellow] {line}", highlight=False)
+
+
+def _parse_shard(text: str) -> tuple[int, int]:
+    index, _, count = text.partition("/")
+    if not (index.isdigit() and count.isdigit()) or not 0 <= int(index) < int(count):
+        fail(f"--shard {text}: expected I/N with 0 <= I < N, e.g. 0/4")
+    return int(index), int(count)
 
 
 @app.command("stats")

@@ -11,6 +11,7 @@ import typer
 from rich.progress import TextColumn
 
 from odis_cli.ui import cli_errors, console, make_progress
+from odis_core.train.config import PretrainConfig
 
 
 def run_training(events, description: str = "pretraining") -> dict:
@@ -35,14 +36,24 @@ def run_training(events, description: str = "pretraining") -> dict:
                 images_seen += batch
                 rate = images_seen / max(time.perf_counter() - started, 1e-9)
                 m = event.metrics
-                status = (f"loss {m['loss']:.3f} (obj {m['loss_obj']:.3f} mim {m['loss_mim']:.3f})"
-                          f"  lr {m['lr']:.2e}  {rate:.1f} img/s")
+                status = (
+                    f"loss {m['loss']:.3f} (obj {m['loss_obj']:.3f} mim {m['loss_mim']:.3f})"
+                    f"  lr {m['lr']:.2e}  {rate:.1f} img/s"
+                )
                 progress.update(task, completed=event.step, status=status)
             elif isinstance(event, CheckpointSaved):
                 progress.update(task, status=f"checkpoint saved at step {event.step}")
             elif isinstance(event, RunFinished):
                 report = event.report
     return report
+
+
+_DEFAULTS = PretrainConfig()
+
+
+def _default(name: str) -> str:
+    # Options default to None so a --config file can set them; show the real default here.
+    return f" (default {getattr(_DEFAULTS, name)})"
 
 
 def pretrain(
@@ -54,51 +65,95 @@ def pretrain(
     config: Annotated[
         Path | None, typer.Option(help="JSON file of options; command-line options win.")
     ] = None,
-    arch: Annotated[str | None, typer.Option(help="vit_tiny, vit_small, vit_base, vit_large "
-                                                  "or a timm vit_* name.")] = None,
-    objective: Annotated[str | None, typer.Option(help="odis, or image (plain iBOT).")] = None,
-    epochs: Annotated[int | None, typer.Option(help="Epochs (schedules span them).")] = None,
+    arch: Annotated[
+        str | None,
+        typer.Option(
+            help=f"vit_tiny, vit_small, vit_base, vit_large or a timm vit_* name{_default('arch')}."
+        ),
+    ] = None,
+    objective: Annotated[
+        str | None, typer.Option(help=f"odis, or image (plain iBOT){_default('objective')}.")
+    ] = None,
+    epochs: Annotated[
+        int | None, typer.Option(help=f"Epochs; schedules span them{_default('epochs')}.")
+    ] = None,
     max_steps: Annotated[int | None, typer.Option(help="Stop after this many steps.")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Images per step per process.")] = None,
-    lr: Annotated[float | None, typer.Option(help="Base LR for a batch of 256.")] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed of weights, crops and data order.")]
-    = None,
-    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda.")] = None,
-    workers: Annotated[int | None, typer.Option(help="Data-loading processes.")] = None,
-    save_every: Annotated[int | None, typer.Option(help="Checkpoint every N steps.")] = None,
-    patch_size: Annotated[int | None, typer.Option(help="ViT patch size.")] = None,
-    global_size: Annotated[int | None, typer.Option(help="Global crop size (px).")] = None,
-    local_size: Annotated[int | None, typer.Option(help="Local crop size (px).")] = None,
-    n_local_crops: Annotated[int | None, typer.Option(help="Local crops per image.")] = None,
-    out_dim: Annotated[int | None, typer.Option(help="Head output dimension.")] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(help=f"Images per step per process{_default('batch_size')}.")
+    ] = None,
+    lr: Annotated[
+        float | None, typer.Option(help=f"Base LR for a batch of 256{_default('lr')}.")
+    ] = None,
+    seed: Annotated[
+        int | None, typer.Option(help=f"Seed of weights, crops and data order{_default('seed')}.")
+    ] = None,
+    device: Annotated[
+        str | None, typer.Option(help=f"auto, cpu or cuda{_default('device')}.")
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option(help=f"Data-loading processes{_default('workers')}.")
+    ] = None,
+    save_every: Annotated[
+        int | None, typer.Option(help="Also checkpoint every N steps (always at epoch ends).")
+    ] = None,
+    patch_size: Annotated[
+        int | None, typer.Option(help=f"ViT patch size{_default('patch_size')}.")
+    ] = None,
+    global_size: Annotated[
+        int | None, typer.Option(help=f"Global crop size in px{_default('global_size')}.")
+    ] = None,
+    local_size: Annotated[
+        int | None, typer.Option(help=f"Local crop size in px{_default('local_size')}.")
+    ] = None,
+    n_local_crops: Annotated[
+        int | None, typer.Option(help=f"Local crops per image{_default('n_local_crops')}.")
+    ] = None,
+    out_dim: Annotated[
+        int | None, typer.Option(help=f"Head output dimension{_default('out_dim')}.")
+    ] = None,
     masked_attention: Annotated[
-        bool | None, typer.Option("--masked-attention/--no-masked-attention",
-                                  help="Ablation: unmasked [OBJ] attention.")
+        bool | None,
+        typer.Option(
+            "--masked-attention/--no-masked-attention", help="Ablation: unmasked [OBJ] attention."
+        ),
     ] = None,
     object_crops: Annotated[
-        bool | None, typer.Option("--object-crops/--no-object-crops",
-                                  help="Ablation: plain random crops.")
+        bool | None,
+        typer.Option("--object-crops/--no-object-crops", help="Ablation: plain random crops."),
     ] = None,
     feature: Annotated[
         str | None, typer.Option(help="obj, or meanpool (ablation: mean of object patches).")
     ] = None,
-    resume: Annotated[bool, typer.Option(help="Continue RUN_DIR from its last checkpoint.")]
-    = False,
+    resume: Annotated[
+        bool, typer.Option(help="Continue RUN_DIR from its last checkpoint.")
+    ] = False,
 ) -> None:
-    """Pretrain a ViT with object-level self-distillation (or plain iBOT with
-    --objective image)."""
+    """Pretrain a ViT with object-level self-distillation (--objective image: plain iBOT)."""
     from odis_core.masks.store import read_store
-    from odis_core.train.config import PretrainConfig, load_config_file
+    from odis_core.train.config import load_config_file
     from odis_core.train.loop import pretrain as run_pretrain
 
     overrides = {
         name: value
         for name, value in dict(
-            arch=arch, objective=objective, epochs=epochs, max_steps=max_steps,
-            batch_size=batch_size, lr=lr, seed=seed, device=device, workers=workers,
-            save_every=save_every, patch_size=patch_size, global_size=global_size,
-            local_size=local_size, n_local_crops=n_local_crops, out_dim=out_dim,
-            masked_attention=masked_attention, object_crops=object_crops, feature=feature,
+            arch=arch,
+            objective=objective,
+            epochs=epochs,
+            max_steps=max_steps,
+            batch_size=batch_size,
+            lr=lr,
+            seed=seed,
+            device=device,
+            workers=workers,
+            save_every=save_every,
+            patch_size=patch_size,
+            global_size=global_size,
+            local_size=local_size,
+            n_local_crops=n_local_crops,
+            out_dim=out_dim,
+            masked_attention=masked_attention,
+            object_crops=object_crops,
+            feature=feature,
         ).items()
         if value is not None
     }

@@ -38,7 +38,11 @@ class DemoSettings:
             min_patches_per_block=4,
             epochs=12,
             batch_size=32,
-            lr=1e-3,
+            # Tuned on the demo scenes (seed 0): base LR 1e-3 -> 76 % k-NN top-1, 4e-3 -> 78 %,
+            # plus iBOT's code-default teacher temperature 0.04 (not the ViT-S recipe's
+            # 0.07) -> 79 %; 1e-2 and a 256-way head did not do better.
+            lr=4e-3,
+            teacher_temp=0.04,
             warmup_epochs=1,
             warmup_teacher_temp_epochs=2,
             momentum_teacher=0.99,

@@ -147,7 +147,9 @@ def object_from_mask(
 
 
 def _atomic_write_json(path: Path, payload: Any) -> None:
-    temporary = path.with_name(path.name + ".tmp")
+    # The pid keeps two writers (e.g. the last two SAM shards finishing together) from
+    # sharing a temporary file; each rename is atomic and they write the same content.
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     with open(temporary, "w", encoding="utf-8") as handle:
         json.dump(payload, handle)
         handle.flush()

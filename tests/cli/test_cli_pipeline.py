@@ -58,6 +58,11 @@ def test_commands_one_by_one_with_resume(tmp_path):
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
 
+    exported = tmp_path / "teacher.safetensors"
+    result = runner.invoke(app, ["export", str(run), "--out", str(exported)])
+    assert result.exit_code == 0, result.output
+    check_export_equals_teacher(run, exported)
+
     features = tmp_path / "features"
     result = runner.invoke(app, ["embed", "--checkpoint", str(run), "--images",
                                  str(splits["train"].images_dir), "--masks", str(store),
@@ -77,9 +82,69 @@ def test_commands_one_by_one_with_resume(tmp_path):
     assert json.loads(report.read_text())["results"]["1"]["top1"] >= unique_share - 1e-6
 
 
+def check_export_equals_teacher(run, exported):
+    """The exported file rebuilds the teacher in plain timm: same [CLS] features as odis's
+    image-level inference, and not the untrained weights."""
+    import timm
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from odis_core.embed.inference import build_backbone, load_teacher_backbone
+
+    with safe_open(str(exported), "pt") as handle:
+        header = handle.metadata()
+    plain = timm.create_model(header["arch"], pretrained=False, **json.loads(header["timm_kwargs"]))
+    plain.load_state_dict(load_file(str(exported)), strict=True)
+    teacher, config = load_teacher_backbone(run)
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ours = teacher(images)[:, 0]
+        theirs = plain.forward_features(images)[:, 0]
+        untrained = build_backbone(config)(images)[:, 0]
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(untrained, ours, atol=1e-3)
+
+
 def test_errors_are_one_line_and_name_the_file(tmp_path):
     missing = tmp_path / "nowhere"
     result = runner.invoke(app, ["knn", "--train", str(missing), "--test", str(missing)])
     assert result.exit_code != 0
     lines = [line for line in result.output.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and "nowhere" in lines[0] and "Traceback" not in result.output
+
+
+def test_masks_sam_in_two_shards_then_pretrain_reads_the_store(tmp_path, tiny_sam_checkpoint):
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for index in range(4):
+        pixels = np.full((48, 48, 3), rng.integers(0, 256, 3), dtype=np.uint8)
+        pixels[10:30, 12:36] = rng.integers(0, 256, 3)
+        Image.fromarray(pixels).save(images / f"{index}.png")
+    store = tmp_path / "sam_store"
+    sam = ["masks", "sam", "--images", str(images), "--checkpoint", str(tiny_sam_checkpoint),
+           "--model-type", "vit_b", "--out", str(store), "--device", "cpu",
+           "--points-per-side", "4", "--pred-iou-thresh", "0", "--stability-score-thresh", "0"]
+    result = runner.invoke(app, sam + ["--shard", "0/2"])
+    assert result.exit_code == 0, result.output
+    assert not (store / "manifest.json").exists()  # half the images: no store yet
+    result = runner.invoke(app, sam + ["--shard", "1/2"])
+    assert result.exit_code == 0, result.output
+    stats_json = tmp_path / "stats.json"
+    result = runner.invoke(app, ["masks", "stats", str(store), "--json", str(stats_json)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(stats_json.read_text())["images"] == 4
+
+    result = runner.invoke(app, sam + ["--shard", "2/2"])
+    assert result.exit_code != 0 and "--shard 2/2" in result.output
+
+    result = runner.invoke(app, [
+        "pretrain", "--masks", str(store), "--images", str(images), "--out", str(tmp_path / "run"),
+        "--arch", "vit_tiny", "--patch-size", "8", "--global-size", "32", "--local-size", "16",
+        "--n-local-crops", "1", "--out-dim", "32", "--batch-size", "2", "--max-steps", "1",
+        "--workers", "0", "--device", "cpu",
+    ])
+    assert result.exit_code == 0, result.output
