@@ -8,14 +8,14 @@ backbone can be used without odis (fine-tuning, detection, other evaluation code
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import timm
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 
+from odis_core.atomic import atomic_write
 from odis_core.embed.inference import load_teacher_backbone
 from odis_core.train.checkpoint import load_strict
 
@@ -50,7 +50,6 @@ def export_teacher(checkpoint: Path | str, out: Path | str) -> dict[str, Any]:
     }
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    temporary = out.with_name(f"{out.name}.{os.getpid()}.tmp")
-    save_file(state, str(temporary), metadata=metadata)
-    os.replace(temporary, out)
+    with atomic_write(out) as handle:
+        handle.write(save(state, metadata=metadata))
     return {**metadata, "timm_kwargs": kwargs, "tensors": len(state)}

@@ -17,13 +17,14 @@ run never leaves a half-written array behind a complete-looking name.
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
+
+from odis_core.atomic import atomic_write
 
 FEATURES_FILE = "features.npy"
 LABELS_FILE = "labels.npy"
@@ -62,16 +63,6 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, np.ndarray):
         return value.tolist()
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
-
-
-def _replace_atomically(path: Path, write: Callable[[BinaryIO], Any]) -> None:
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(temporary, "wb") as handle:
-            write(handle)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 def _checked_arrays(
@@ -115,13 +106,14 @@ def write_features(
     info_text = json.dumps(info, indent=2, default=_json_default) + "\n"
     meta_lines = [json.dumps(row, default=_json_default) + "\n" for row in meta]
     out_dir.mkdir(parents=True, exist_ok=True)
-    _replace_atomically(out_dir / FEATURES_FILE,
-                        lambda handle: np.save(handle, features, allow_pickle=False))
-    _replace_atomically(out_dir / LABELS_FILE,
-                        lambda handle: np.save(handle, labels, allow_pickle=False))
-    _replace_atomically(out_dir / META_FILE,
-                        lambda handle: handle.write("".join(meta_lines).encode("utf-8")))
-    _replace_atomically(out_dir / INFO_FILE, lambda handle: handle.write(info_text.encode("utf-8")))
+    with atomic_write(out_dir / FEATURES_FILE) as handle:
+        np.save(handle, features, allow_pickle=False)
+    with atomic_write(out_dir / LABELS_FILE) as handle:
+        np.save(handle, labels, allow_pickle=False)
+    with atomic_write(out_dir / META_FILE, "w", encoding="utf-8") as handle:
+        handle.writelines(meta_lines)
+    with atomic_write(out_dir / INFO_FILE, "w", encoding="utf-8") as handle:
+        handle.write(info_text)
 
 
 def _load_array(path: Path) -> np.ndarray:

@@ -23,7 +23,6 @@ either complete or absent.
 from __future__ import annotations
 
 import json
-import os
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +31,8 @@ from typing import Any
 
 import numpy as np
 from pycocotools import mask as mask_utils
+
+from odis_core.atomic import atomic_write
 
 STORE_FORMAT = "odis-mask-store"
 STORE_VERSION = 1
@@ -147,14 +148,10 @@ def object_from_mask(
 
 
 def _atomic_write_json(path: Path, payload: Any) -> None:
-    # The pid keeps two writers (e.g. the last two SAM shards finishing together) from
-    # sharing a temporary file; each rename is atomic and they write the same content.
-    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with open(temporary, "w", encoding="utf-8") as handle:
+    # Two writers (the last two SAM shards finishing together) write the same content;
+    # atomic_write gives each its own temporary file.
+    with atomic_write(path, "w", encoding="utf-8") as handle:
         json.dump(payload, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
 
 
 def _annotation(obj: ObjectRecord) -> dict[str, Any]:

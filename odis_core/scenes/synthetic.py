@@ -32,7 +32,6 @@ import colorsys
 import dataclasses
 import json
 import math
-import os
 import re
 import zlib
 from collections.abc import Callable
@@ -44,6 +43,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from odis_core.atomic import atomic_write
 from odis_core.masks.store import object_from_mask
 
 ProgressFn = Callable[[int, int], None]
@@ -393,9 +393,8 @@ def split_seed(seed: int, split: str) -> int:
 
 
 def _write_json_atomic(path: Path, payload: Any) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(payload, separators=(",", ":")) + "\n", encoding="utf-8")
-    os.replace(temporary, path)
+    with atomic_write(path, "w", encoding="utf-8") as handle:
+        handle.write(json.dumps(payload, separators=(",", ":")) + "\n")
 
 
 def _remove_stale_images(images_dir: Path, split: str, n_images: int) -> None:

@@ -7,11 +7,12 @@ pickled object), written to a temporary name and renamed, and read back with
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from odis_core.atomic import atomic_write
 
 CHECKPOINT_FORMAT = "odis-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -26,14 +27,9 @@ class CheckpointError(Exception):
 
 def save_checkpoint(path: Path | str, state: dict[str, Any]) -> None:
     """Write `state` atomically: a temporary file in the same directory, then rename."""
-    path = Path(path)
-    temporary = path.with_name(path.name + ".tmp")
     payload = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **state}
-    with open(temporary, "wb") as handle:
+    with atomic_write(path) as handle:
         torch.save(payload, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
 
 
 def resolve_checkpoint_path(path: Path | str) -> Path:
