@@ -11,7 +11,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from odis_core.masks.coco import CocoFormatError, import_coco
-from odis_core.masks.store import read_store
+from odis_core.masks.store import export_coco, read_store
 
 
 def uncompressed_rle(mask: np.ndarray) -> dict:
@@ -103,7 +103,7 @@ def test_store_masks_equal_source_masks_pixel_for_pixel(coco_file, images_root, 
     store, report = import_coco(coco_file, out, images_root=images_root, min_area=10)
     expected = source_masks(coco_file)
     with contextlib.redirect_stdout(io.StringIO()):
-        reread = COCO(str(out / "objects.json"))
+        reread = COCO(str(export_coco(store, tmp_path / "export.json")))
     with_masks = [obj for obj in store.objects if obj.rle is not None]
     assert sorted(obj.object_id for obj in with_masks) == [11, 12, 21]
     for obj in with_masks:

@@ -19,7 +19,7 @@ from odis_core.masks.sam import (
     load_sam,
     select_masks,
 )
-from odis_core.masks.store import UNKNOWN_CATEGORY, read_store, write_store
+from odis_core.masks.store import UNKNOWN_CATEGORY, export_coco, read_store, write_store
 
 # Few prompts and no quality thresholds, so a random SAM still yields masks.
 GENERATOR = {"points_per_side": 4, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}
@@ -127,11 +127,17 @@ def test_select_masks_ranks_by_iou_times_stability():
     assert [r["area"] for r in select_masks(records, min_area=10)] == [40, 30, 50, 20]
 
 
+def coco_text(store_dir):
+    """The store's content as COCO JSON text (image order, ids, RLEs, scores)."""
+    exported = store_dir.parent / f"{store_dir.name}.coco.json"
+    return export_coco(read_store(store_dir), exported).read_text()
+
+
 def test_runs_are_deterministic(sam, image_folder, tmp_path):
     run(sam, image_folder, tmp_path / "first")
     run(sam, image_folder, tmp_path / "second")
-    first = (tmp_path / "first" / "objects.json").read_text()
-    assert first == (tmp_path / "second" / "objects.json").read_text()
+    first = coco_text(tmp_path / "first")
+    assert first == coco_text(tmp_path / "second")
 
 
 def count_generate_calls(monkeypatch):
@@ -162,12 +168,12 @@ def test_rerun_after_interruption_resumes(sam, image_folder, tmp_path, monkeypat
     store, report = run(sam, image_folder, out)
     assert len(calls) == 2 and report.n_resumed == 1  # b.png and sub/c.png only
     assert report.n_images == 3 and report.n_skipped == 1
-    reference = (tmp_path / "reference" / "objects.json").read_text()
-    assert (out / "objects.json").read_text() == reference
+    reference = coco_text(tmp_path / "reference")
+    assert coco_text(out) == reference
 
     _, again = run(sam, image_folder, out)  # over a complete store: nothing to segment
     assert len(calls) == 2 and again.n_resumed == 3
-    assert (out / "objects.json").read_text() == reference
+    assert coco_text(out) == reference
 
 
 def test_shards_split_the_folder_and_the_last_one_writes_the_store(
@@ -182,8 +188,8 @@ def test_shards_split_the_folder_and_the_last_one_writes_the_store(
     assert first_report.n_images == 1 and first_report.n_skipped == 1 and len(calls) == 1
     second, second_report = run(sam, image_folder, out, shard=(1, 2))  # b.png, sub/c.png
     assert second is not None and second_report.complete and len(calls) == 3
-    reference = (tmp_path / "reference" / "objects.json").read_text()
-    assert (out / "objects.json").read_text() == reference
+    reference = coco_text(tmp_path / "reference")
+    assert coco_text(out) == reference
 
 
 def test_rerun_with_other_settings_is_refused(sam, image_folder, tmp_path):

@@ -7,6 +7,7 @@ Unreadable images come back as None and are dropped (and counted) by `collate_cr
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,15 +97,11 @@ class ObjectCropDataset(torch.utils.data.Dataset):
         seed: int = 0,
         min_object_area: float = 0.0,
     ) -> None:
-        self.images: list[ImageRecord] = list(store.images)
-        self.candidates: list[list[ObjectRecord]] = [
-            [
-                obj
-                for obj in store.objects_of(image.image_id)
-                if obj.area >= min_object_area and obj.area > 0
-            ]
-            for image in self.images
-        ]
+        # Objects are fetched per image in __getitem__: a store of 12 M objects is never
+        # listed up front (the store reads one image's objects in microseconds).
+        self.store = store
+        self.images: Sequence[ImageRecord] = store.images
+        self.min_object_area = min_object_area
         self.images_root = Path(images_root)
         self.multicrop = multicrop
         self.mim = mim
@@ -114,6 +111,14 @@ class ObjectCropDataset(torch.utils.data.Dataset):
         self.block_masks = (
             BlockMaskGenerator((grid, grid), mim.min_patches_per_block) if mim is not None else None
         )
+
+    def candidates(self, record: ImageRecord) -> list[ObjectRecord]:
+        """The objects of `record` that can be a target (non-empty, >= min_object_area)."""
+        return [
+            obj
+            for obj in self.store.objects_of(record.image_id)
+            if obj.area >= self.min_object_area and obj.area > 0
+        ]
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -128,7 +133,7 @@ class ObjectCropDataset(torch.utils.data.Dataset):
             image = load_rgb(self.images_root / record.file_name)
         except UnreadableImageError:
             return None
-        candidates = self.candidates[index]
+        candidates = self.candidates(record)
         object_mask = None
         if candidates:
             choice = int(torch.randint(0, len(candidates), (1,), generator=generator).item())

@@ -29,7 +29,7 @@ from odis_core.masks.store import (
     ImageRecord,
     MaskStore,
     ObjectRecord,
-    write_store,
+    StoreWriter,
 )
 
 # A polygon needs three (x, y) vertices to enclose any pixel; shorter ones occur in real
@@ -272,17 +272,22 @@ def import_coco(
     if images_root is not None and not Path(images_root).is_dir():
         raise FileNotFoundError(f"{images_root}: not a directory")
     coco, categories = load_coco(Path(annotations))
-
-    images: list[ImageRecord] = []
-    objects: list[ObjectRecord] = []
-    counts = dict.fromkeys(("crowd", "small", "over_max", "missing", "empty_images"), 0)
+    settings = {
+        "annotations": str(Path(annotations).resolve()),
+        "min_area": min_area,
+        "max_objects_per_image": max_objects_per_image,
+    }
+    writer = StoreWriter(
+        out, categories, source="coco", images_root=images_root, settings=settings
+    )
+    counts = dict.fromkeys(
+        ("crowd", "small", "over_max", "missing", "empty_images", "objects", "boxes_only"), 0
+    )
+    missing: list[str] = []
     n_images = len(coco.dataset["images"])
     for done, image in enumerate(coco.dataset["images"], start=1):
-        images.append(
-            ImageRecord(image["id"], image["file_name"], image["width"], image["height"])
-        )
         if images_root is not None and not (Path(images_root) / image["file_name"]).is_file():
-            counts["missing"] += 1
+            missing.append(f"{image['file_name']}: file not found under {images_root}")
         kept = []
         for ann in coco.imgToAnns.get(image["id"], []):
             if ann["iscrowd"]:
@@ -299,27 +304,22 @@ def import_coco(
             counts["over_max"] += len(kept) - len(chosen)
             kept = [obj for i, obj in enumerate(kept) if i in chosen]  # source order
         counts["empty_images"] += not kept
-        objects.extend(kept)
+        counts["objects"] += len(kept)
+        counts["boxes_only"] += sum(1 for obj in kept if obj.rle is None)
+        writer.add(
+            ImageRecord(image["id"], image["file_name"], image["width"], image["height"]), kept
+        )
         if progress is not None:
             progress(done, n_images)
-
-    settings = {
-        "annotations": str(Path(annotations).resolve()),
-        "min_area": min_area,
-        "max_objects_per_image": max_objects_per_image,
-    }
-    store = write_store(
-        out, images, objects, categories, source="coco", images_root=images_root,
-        settings=settings,
-    )
+    store = writer.close(skipped=missing)
     report = CocoImportReport(
-        n_images=len(images),
-        n_objects=len(objects),
+        n_images=n_images,
+        n_objects=counts["objects"],
         n_crowd_dropped=counts["crowd"],
         n_small_dropped=counts["small"],
-        n_boxes_only=sum(1 for obj in objects if obj.rle is None),
+        n_boxes_only=counts["boxes_only"],
         n_images_without_objects=counts["empty_images"],
-        n_missing_images=counts["missing"],
+        n_missing_images=len(missing),
         n_over_max_dropped=counts["over_max"],
     )
     return store, report

@@ -36,7 +36,7 @@ from odis_core.masks.store import (
     ImageRecord,
     MaskStore,
     ObjectRecord,
-    write_store,
+    StoreWriter,
 )
 
 SAM_MODEL_TYPES = ("vit_b", "vit_l", "vit_h")
@@ -223,23 +223,27 @@ def _segment(
     return {"file_name": name, "width": rgb.width, "height": rgb.height, "masks": masks}
 
 
-def _build_store(
-    names: list[str], entries: dict[str, dict[str, Any]]
-) -> tuple[list[ImageRecord], list[ObjectRecord]]:
-    """Images in sorted file order (id = position + 1), objects best first within each."""
-    images: list[ImageRecord] = []
-    objects: list[ObjectRecord] = []
+def _write_store(
+    out: Path, names: list[str], entries: dict[str, dict[str, Any]], images_root: Path,
+    settings: dict[str, Any],
+) -> MaskStore:
+    """The merge/index step: images in sorted file order (id = position + 1), objects best
+    first within each, shard by shard; skipped images go to the store's report file."""
+    writer = StoreWriter(out, {}, source="sam", images_root=images_root, settings=settings)
+    skipped: list[str] = []
+    next_object_id = 1
     for position, name in enumerate(names):
         entry = entries[name]
         if "skipped" in entry:
+            skipped.append(f"{name}: {entry['skipped']}")
             continue
         image_id = position + 1
-        images.append(ImageRecord(image_id, name, int(entry["width"]), int(entry["height"])))
+        objects = []
         for mask in entry["masks"]:
             rle = mask["rle"]
             objects.append(
                 ObjectRecord(
-                    object_id=len(objects) + 1,
+                    object_id=next_object_id,
                     image_id=image_id,
                     category_id=UNKNOWN_CATEGORY,
                     bbox_xywh=tuple(float(v) for v in mask_utils.toBbox(rle)),  # type: ignore[arg-type]
@@ -248,7 +252,9 @@ def _build_store(
                     score=mask["score"],
                 )
             )
-    return images, objects
+            next_object_id += 1
+        writer.add(ImageRecord(image_id, name, int(entry["width"]), int(entry["height"])), objects)
+    return writer.close(skipped)
 
 
 def generate_sam_masks(
@@ -326,11 +332,7 @@ def generate_sam_masks(
     if any(name not in entries for name in names):
         report.complete = False
         return None, report
-    images, objects = _build_store(names, entries)
-    store = write_store(
-        out, images, objects, {}, source="sam", images_root=images_root, settings=settings
-    )
-    return store, report
+    return _write_store(out, names, entries, images_root, settings), report
 
 
 def _report(entries: list[dict[str, Any]], n_resumed: int) -> SamReport:

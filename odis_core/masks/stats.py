@@ -12,12 +12,12 @@ from odis_core.masks.store import MaskStore
 def store_statistics(store: MaskStore) -> dict[str, Any]:
     """Counts, objects per image, area percentiles; images without objects train on the
     whole image (spec §2), so their number is reported."""
-    per_image = np.array([len(store.objects_of(image.image_id)) for image in store.images])
-    areas = np.array([obj.area for obj in store.objects], dtype=np.float64)
+    per_image = store.object_counts()
+    areas = store.object_areas()
     figures: dict[str, Any] = {
         "source": store.source,
-        "images": len(store.images),
-        "objects": len(store.objects),
+        "images": store.n_images,
+        "objects": store.n_objects,
         "images_without_objects": store.n_images_without_objects,
         "categories": len(store.categories),
         "objects_per_image_mean": round(float(per_image.mean()), 2) if per_image.size else 0.0,
