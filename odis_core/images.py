@@ -7,6 +7,7 @@ an `UnreadableImageError` naming the file and the problem (callers skip and coun
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +15,15 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 
-# Above this many pixels an image is refused instead of decoded (a 20k x 20k "image" is a
-# decompression bomb on a data-loader worker). 16k x 16k covers gigapixel-free photography.
-MAX_IMAGE_PIXELS = 16_384 * 16_384
+# Above this many pixels an image is refused before any pixel is decoded: a 20k x 20k file
+# (a few hundred KB of PNG can claim that) would need 1.2 GB as RGB on every data-loader
+# worker. Refused rather than downscaled: COCO boxes and polygons are in the file's full
+# resolution, PNG cannot be decoded at a reduced size, and a refusal is counted and listed
+# where a silent resize would not be. 12k x 12k admits any camera photograph and stays
+# under PIL's own hard limit (179 M pixels), so one message covers every oversized file.
+MAX_IMAGE_PIXELS = 12_000 * 12_000
+_EXIF_ORIENTATION = 0x0112
+_TRANSPOSING_ORIENTATIONS = frozenset({5, 6, 7, 8})  # rotated by 90 degrees either way
 
 
 class UnreadableImageError(Exception):
@@ -56,6 +63,40 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def probe_image(path: Path | str, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[int, int]:
+    """(width, height) of `path` as `load_rgb` would return it, from the header alone
+    (EXIF orientation applied); `UnreadableImageError` when it could never load. A file
+    truncated after its header passes here and fails in `load_rgb`."""
+    path = Path(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)
+        with image:
+            width, height = image.size
+            orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+    except Exception as error:  # noqa: BLE001 (every failure is one reason, reported)
+        raise _unreadable(path, error) from None
+    if width * height > max_pixels:
+        raise UnreadableImageError(path, f"{width}x{height} pixels exceeds the limit of {max_pixels}")
+    if width < 1 or height < 1:
+        raise UnreadableImageError(path, "empty image")
+    return (height, width) if orientation in _TRANSPOSING_ORIENTATIONS else (width, height)
+
+
+def _unreadable(path: Path, error: Exception) -> UnreadableImageError:
+    if isinstance(error, UnreadableImageError):
+        return error
+    if isinstance(error, Image.DecompressionBombError):
+        return UnreadableImageError(path, f"refused as a decompression bomb ({error})")
+    if isinstance(error, FileNotFoundError):
+        return UnreadableImageError(path, "file not found")
+    if isinstance(error, UnidentifiedImageError):
+        return UnreadableImageError(path, "not a recognised image format")
+    # PIL reports truncated files and broken headers as OSError/SyntaxError/ValueError.
+    return UnreadableImageError(path, f"cannot decode ({error})")
+
+
 def load_rgb(path: Path | str, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
     """Decode `path` to an RGB PIL image with its EXIF orientation applied.
 
@@ -64,7 +105,11 @@ def load_rgb(path: Path | str, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Imag
     """
     path = Path(path)
     try:
-        with Image.open(path) as image:
+        with warnings.catch_warnings():
+            # PIL warns from 89 M pixels and raises from 179 M; ours is the one limit.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)
+        with image:
             width, height = image.size
             if width * height > max_pixels:
                 raise UnreadableImageError(
@@ -73,15 +118,8 @@ def load_rgb(path: Path | str, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Imag
             image.load()
             image = ImageOps.exif_transpose(image)
             rgb = _to_rgb(image)
-    except UnreadableImageError:
-        raise
-    except FileNotFoundError:
-        raise UnreadableImageError(path, "file not found") from None
-    except UnidentifiedImageError:
-        raise UnreadableImageError(path, "not a recognised image format") from None
-    except (OSError, ValueError, SyntaxError) as error:
-        # PIL reports truncated files and broken headers as OSError/SyntaxError.
-        raise UnreadableImageError(path, f"cannot decode ({error})") from None
+    except Exception as error:  # noqa: BLE001 (every failure is one reason, reported)
+        raise _unreadable(path, error) from None
     if rgb.width < 1 or rgb.height < 1:
         raise UnreadableImageError(path, "empty image")
     return rgb

@@ -32,7 +32,7 @@ def compressed_rle(mask: np.ndarray) -> dict:
 
 def coco_dataset() -> dict:
     """Image 1 (30x40): two-part polygon, compressed RLE, a box only.
-    Image 2 (24x32): uncompressed RLE, a crowd region, a tiny polygon, a degenerate polygon.
+    Image 2 (24x32): uncompressed RLE, a crowd region, a tiny polygon.
     Image 3 (20x20): no annotation."""
     rle_mask = np.zeros((30, 40), dtype=bool)
     rle_mask[5:25, 20:38] = True
@@ -57,8 +57,6 @@ def coco_dataset() -> dict:
         {"id": 23, "image_id": 2, "category_id": 1,
          "segmentation": [[25.0, 2.0, 27.0, 2.0, 27.0, 4.0, 25.0, 4.0]], "iscrowd": 0,
          "area": 5000.0},
-        {"id": 24, "image_id": 2, "category_id": 1, "segmentation": [[1.0, 1.0, 5.0, 5.0]],
-         "iscrowd": 0, "bbox": [1, 1, 4, 4]},
     ]
     return {
         "images": [
@@ -93,8 +91,7 @@ def source_masks(path) -> dict[int, np.ndarray]:
     return {
         ann_id: source.annToMask(ann).astype(bool)
         for ann_id, ann in source.anns.items()
-        # 24's 4-value "polygon" crashes pycocotools itself (read as a box): odis drops it
-        if "segmentation" in ann and ann_id != 24
+        if "segmentation" in ann
     }
 
 
@@ -123,16 +120,15 @@ def test_crowd_small_and_box_only_objects(coco_file, images_root, tmp_path):
     store, report = import_coco(coco_file, tmp_path / "store", images_root=images_root,
                                 min_area=10)
     assert report.n_crowd_dropped == 1
-    assert report.n_small_dropped == 2  # the tiny polygon (despite its stated area) and the
-    # degenerate one
+    assert report.n_small_dropped == 1  # the tiny polygon (despite its stated area)
     box_only = [obj for obj in store.objects if obj.rle is None]
     assert [obj.object_id for obj in box_only] == [13]
     assert box_only[0].bbox_xywh == (2.0, 20.0, 10.0, 5.0)
     assert box_only[0].area == 50.0 and box_only[0].score == 0.75
     assert report.n_boxes_only == 1
-    # Without the area filter the tiny polygon is an object; the degenerate one never is.
+    # Without the area filter the tiny polygon is an object.
     _, unfiltered = import_coco(coco_file, tmp_path / "store0")
-    assert unfiltered.n_small_dropped == 1 and unfiltered.n_objects == 5
+    assert unfiltered.n_small_dropped == 0 and unfiltered.n_objects == 5
 
 
 def test_every_image_is_listed_and_missing_files_are_counted(coco_file, images_root, tmp_path):

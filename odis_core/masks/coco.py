@@ -18,12 +18,13 @@ import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
+from odis_core.images import UnreadableImageError, probe_image
 from odis_core.masks.store import (
     UNKNOWN_CATEGORY,
     ImageRecord,
@@ -32,8 +33,8 @@ from odis_core.masks.store import (
     StoreWriter,
 )
 
-# A polygon needs three (x, y) vertices to enclose any pixel; shorter ones occur in real
-# COCO files, and pycocotools would read a 4-value "polygon" as a box.
+# A polygon needs three (x, y) vertices to enclose any pixel; pycocotools would read a
+# 4-value "polygon" as a box, so a shorter one is an error in the file, not an empty mask.
 MIN_POLYGON_VALUES = 6
 
 
@@ -49,7 +50,8 @@ class CocoImportReport:
     n_small_dropped: int  # area under min_area, or empty (nothing to crop around)
     n_boxes_only: int  # kept objects without a segmentation (used as filled boxes)
     n_images_without_objects: int  # these train on the whole image (spec §2)
-    n_missing_images: int  # listed in the file but not under images_root (kept, skipped later)
+    n_missing_images: int  # missing or unreadable under images_root (kept, listed in the
+    # store's skipped.txt; training skips them when it fails to read them)
     n_over_max_dropped: int = 0  # dropped by max_objects_per_image
 
 
@@ -73,6 +75,25 @@ def _read_json(path: Path) -> Any:
         raise CocoFormatError(f"{path}: cannot read ({error})") from None
 
 
+def _inside_root(file_name: str) -> bool:
+    """False for names that would read outside the image root: absolute, drive-qualified
+    or with a '..' component (either separator)."""
+    parts = PurePosixPath(file_name.replace("\\", "/"))
+    return not (
+        parts.is_absolute() or ".." in parts.parts or PureWindowsPath(file_name).drive
+    )
+
+
+def _check_box(where: str, bbox: list[float], image: dict[str, Any]) -> None:
+    x, y, w, h = bbox
+    if w <= 0 or h <= 0:
+        raise CocoFormatError(f"{where}: bbox {bbox} has a non-positive width or height")
+    if x >= image["width"] or y >= image["height"] or x + w <= 0 or y + h <= 0:
+        raise CocoFormatError(
+            f"{where}: bbox {bbox} lies outside its image ({image['width']}x{image['height']})"
+        )
+
+
 def _check_images(path: Path, images: Any) -> dict[int, dict[str, Any]]:
     if not isinstance(images, list):
         raise CocoFormatError(f"{path}: 'images' must be a list")
@@ -89,6 +110,11 @@ def _check_images(path: Path, images: Any) -> dict[int, dict[str, Any]]:
             raise CocoFormatError(f"{path}: images[{position}] needs an integer id and a file_name")
         if not all(_is_int(image[k]) and image[k] > 0 for k in ("width", "height")):
             raise CocoFormatError(f"{path}: image {image_id} needs positive integer width/height")
+        if not _inside_root(name):
+            raise CocoFormatError(
+                f"{path}: image {image_id} file_name {name!r} points outside the image root "
+                "(absolute or with '..')"
+            )
         if image_id in by_id:
             raise CocoFormatError(f"{path}: image id {image_id} is listed twice")
         if name in names:
@@ -100,8 +126,8 @@ def _check_images(path: Path, images: Any) -> dict[int, dict[str, Any]]:
 
 
 def _check_segmentation(path: Path, ann_id: Any, segmentation: Any, image: dict) -> Any:
-    """The segmentation as pycocotools should see it: None (box only), a list of
-    non-degenerate polygons (possibly empty: nothing left to rasterise), or an RLE."""
+    """The segmentation as pycocotools should see it: None (box only), a list of polygons
+    of at least 3 points each, or an RLE."""
     if segmentation is None or segmentation == [] or segmentation == {}:
         return None
     where = f"{path}: annotation {ann_id}"
@@ -112,8 +138,11 @@ def _check_segmentation(path: Path, ann_id: Any, segmentation: Any, image: dict)
                 raise CocoFormatError(f"{where}: a polygon must be a list of numbers")
             if len(polygon) % 2:
                 raise CocoFormatError(f"{where}: a polygon has an odd number of coordinates")
-            if len(polygon) >= MIN_POLYGON_VALUES:
-                polygons.append(polygon)
+            if len(polygon) < MIN_POLYGON_VALUES:
+                raise CocoFormatError(
+                    f"{where}: a polygon has fewer than 3 points ({len(polygon) // 2})"
+                )
+            polygons.append(polygon)
         return polygons
     if isinstance(segmentation, dict):
         if "counts" not in segmentation or "size" not in segmentation:
@@ -169,6 +198,8 @@ def _check_annotations(path: Path, annotations: Any, images: dict[int, dict]) ->
             raise CocoFormatError(
                 f"{path}: annotation {ann['id']} has neither a segmentation nor a bbox [x, y, w, h]"
             )
+        if ann["segmentation"] is None:  # the box is the object: it must cover pixels
+            _check_box(f"{path}: annotation {ann['id']}", bbox, image)
         if "score" in ann and not _is_number(ann["score"]):
             raise CocoFormatError(f"{path}: annotation {ann['id']}: score must be a number")
 
@@ -185,7 +216,7 @@ def load_coco(annotations: Path) -> tuple[COCO, dict[int, str]]:
     """Parse and validate `annotations`, then index it with pycocotools (silently).
 
     Returns the COCO index (annotations normalised: `id`, `category_id`, `iscrowd` always
-    present, degenerate polygons removed, `segmentation` None for box-only objects) and
+    present, `segmentation` None for box-only objects) and
     the category names by id.
     """
     path = Path(annotations)
@@ -211,12 +242,6 @@ def load_coco(annotations: Path) -> tuple[COCO, dict[int, str]]:
     return coco, categories
 
 
-def _empty_rle(height: int, width: int) -> dict[str, Any]:
-    return mask_utils.frPyObjects(
-        {"size": [height, width], "counts": [height * width]}, height, width
-    )
-
-
 def _to_object(coco: COCO, ann: dict[str, Any]) -> ObjectRecord:
     """An ObjectRecord with the annotation's mask as compressed RLE (str counts), or box only."""
     score = float(ann["score"]) if "score" in ann else None
@@ -230,11 +255,7 @@ def _to_object(coco: COCO, ann: dict[str, Any]) -> ObjectRecord:
     if segmentation is None:
         x, y, w, h = (float(v) for v in ann["bbox"])
         return ObjectRecord(bbox_xywh=(x, y, w, h), area=max(w, 0.0) * max(h, 0.0), **common)
-    if segmentation == []:  # only degenerate polygons were given: the mask is empty
-        image = coco.imgs[ann["image_id"]]
-        rle = _empty_rle(image["height"], image["width"])
-    else:
-        rle = coco.annToRLE(ann)  # polygons are merged, uncompressed RLE compressed
+    rle = coco.annToRLE(ann)  # polygons are merged, uncompressed RLE compressed
     counts = rle["counts"]
     rle = {
         "size": [int(v) for v in rle["size"]],
@@ -286,8 +307,11 @@ def import_coco(
     missing: list[str] = []
     n_images = len(coco.dataset["images"])
     for done, image in enumerate(coco.dataset["images"], start=1):
-        if images_root is not None and not (Path(images_root) / image["file_name"]).is_file():
-            missing.append(f"{image['file_name']}: file not found under {images_root}")
+        if images_root is not None:
+            try:  # the header only: a million-image import must not decode every file
+                probe_image(Path(images_root) / image["file_name"])
+            except UnreadableImageError as error:
+                missing.append(f"{image['file_name']}: {error.reason}")
         kept = []
         for ann in coco.imgToAnns.get(image["id"], []):
             if ann["iscrowd"]:

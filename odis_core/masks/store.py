@@ -1,7 +1,7 @@
 """The mask store: the one on-disk format every odis command reads objects from.
 
 A store is a directory of shards, each holding a run of images and their objects as flat
-numpy arrays that are memory-mapped when read:
+numpy arrays (.npy, so numpy reads them without odis):
 
     STORE/
       manifest.json   {"format": "odis-mask-store", "version": 2, "source": "coco"|"sam",
@@ -13,8 +13,9 @@ numpy arrays that are memory-mapped when read:
       skipped.txt     "file: reason" per image the run could not read (unreadable, missing)
 
 12 M COCO-style RLE objects do not fit comfortably in Python objects, so nothing is
-decoded up front: opening a store maps the shards and sorts the image ids (one array);
-`objects_of(image_id)` slices the columns of one image (microseconds). Every image of the
+decoded up front: opening a store reads the per-image columns (tens of bytes per image)
+and sorts the image ids; `objects_of(image_id)` reads the byte ranges of one image's
+objects from the per-object columns (tens of microseconds), so memory stays flat. Every image of the
 dataset is listed, including images with no object (training falls back to the whole
 image for those). A class-agnostic object (SAM) has `category_id` -1. An object may have a
 box and no mask: it is then used as a filled box.
@@ -33,6 +34,7 @@ import shutil
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 from typing import Any, overload
 
@@ -47,8 +49,9 @@ UNKNOWN_CATEGORY = -1
 SHARD_DIR = "shards"
 SKIPPED_FILE = "skipped.txt"  # one "file: reason" line per image skipped (unreadable, missing)
 # Images per shard: small enough that a writer buffers a shard in memory cheaply (about
-# 65 k objects at 10 per image), large enough that a million-image store has few files.
-DEFAULT_SHARD_IMAGES = 8192
+# 330 k objects at 10 per image), large enough that a million-image store has few files
+# (and a reader few open descriptors: 8 per shard it has visited).
+DEFAULT_SHARD_IMAGES = 32_768
 
 _IMAGE_COLUMNS = ("image_ids", "image_hw", "name_bytes", "name_ends", "object_ends")
 _OBJECT_COLUMNS = (
@@ -80,18 +83,65 @@ class ObjectRecord:
     score: float | None = None
 
 
+class _ColumnFile:
+    """One per-object .npy column, read by byte range with os.pread: lookups never map or
+    load the column, so memory stays flat however many images are visited."""
+
+    def __init__(self, file: Path) -> None:
+        self.file = file
+        with open(file, "rb") as handle:
+            version = np.lib.format.read_magic(handle)
+            read_header = (
+                np.lib.format.read_array_header_1_0
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0
+            )
+            shape, fortran, dtype = read_header(handle)
+            self.offset = handle.tell()
+        if fortran:
+            raise MaskStoreError(f"{file}: unexpected Fortran-ordered column")
+        self.dtype, self.shape = dtype, shape
+        self.row = int(np.prod(shape[1:], dtype=np.int64))  # values per row
+        self._fd: int | None = None
+
+    def __len__(self) -> int:
+        return int(self.shape[0])
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        start, stop, _ = rows.indices(len(self))
+        stop = max(stop, start)
+        if self._fd is None:
+            self._fd = os.open(self.file, os.O_RDONLY)
+        width = self.row * self.dtype.itemsize
+        data = os.pread(self._fd, (stop - start) * width, self.offset + start * width)
+        return np.frombuffer(data, dtype=self.dtype).reshape((stop - start, *self.shape[1:]))
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __del__(self) -> None:
+        self.close()
+
+
 class _Shard:
-    """The memory-mapped columns of one shard directory."""
+    """One shard directory: its per-image columns in memory (tens of bytes per image), its
+    per-object columns read on demand."""
 
     def __init__(self, directory: Path) -> None:
-        self.columns: dict[str, np.ndarray] = {}
+        self.columns: dict[str, Any] = {}
         for name in _IMAGE_COLUMNS + _OBJECT_COLUMNS:
             file = directory / f"{name}.npy"
             try:
-                self.columns[name] = np.load(file, mmap_mode="r", allow_pickle=False)
+                if name in _IMAGE_COLUMNS:
+                    self.columns[name] = np.load(file, allow_pickle=False)
+                else:
+                    self.columns[name] = _ColumnFile(file)
             except (OSError, ValueError) as error:
                 raise MaskStoreError(f"{file}: missing or unreadable shard column ({error})") from None
         self.n_images = len(self.columns["image_ids"])
+        self.n_objects = len(self.columns["object_ids"])
 
     def _span(self, ends: np.ndarray, index: int) -> tuple[int, int]:
         return (int(ends[index - 1]) if index else 0), int(ends[index])
@@ -108,30 +158,31 @@ class _Shard:
         first, last = self._span(c["object_ends"], index)
         if first == last:
             return []
-        base = int(c["counts_ends"][first - 1]) if first else 0
-        ends = np.asarray(c["counts_ends"][first:last])
-        blob = bytes(c["counts_bytes"][base : int(ends[-1])])
-        ids, cats = c["object_ids"][first:last], c["category_ids"][first:last]
-        boxes, areas = c["bboxes_xywh"][first:last], c["areas"][first:last]
-        scores, rle_hw = c["scores"][first:last], c["rle_hw"][first:last]
-        records, offset = [], 0
-        for k in range(last - first):
-            end = int(ends[k]) - base
-            height, width = int(rle_hw[k][0]), int(rle_hw[k][1])
+        # One read and one .tolist() per column, then plain Python values.
+        base = int(c["counts_ends"][first - 1 : first][0]) if first else 0
+        ends = c["counts_ends"][first:last].tolist()
+        blob = bytes(c["counts_bytes"][base : ends[-1]])
+        columns = zip(
+            c["object_ids"][first:last].tolist(),
+            c["category_ids"][first:last].tolist(),
+            c["bboxes_xywh"][first:last].tolist(),
+            c["areas"][first:last].tolist(),
+            c["scores"][first:last].tolist(),
+            c["rle_hw"][first:last].tolist(),
+            ends,
+            strict=True,
+        )
+        records, offset = [], base
+        for object_id, category_id, bbox, area, score, (height, width), end in columns:
             rle = None
             if height >= 0:
-                rle = {"size": [height, width], "counts": blob[offset:end].decode("ascii")}
+                counts = blob[offset - base : end - base].decode("ascii")
+                rle = {"size": [height, width], "counts": counts}
             offset = end
-            score = float(scores[k])
             records.append(
                 ObjectRecord(
-                    object_id=int(ids[k]),
-                    image_id=image_id,
-                    category_id=int(cats[k]),
-                    bbox_xywh=tuple(float(v) for v in boxes[k]),  # type: ignore[arg-type]
-                    area=float(areas[k]),
-                    rle=rle,
-                    score=None if np.isnan(score) else score,
+                    object_id, image_id, category_id, tuple(bbox), area, rle,  # type: ignore[arg-type]
+                    None if score != score else score,  # NaN marks "no score"
                 )
             )
         return records
@@ -199,7 +250,7 @@ class MaskStore:
         sizes = np.array([s.n_images for s in self._shards], dtype=np.int64)
         self._shard_starts = np.concatenate([[0], np.cumsum(sizes)])
         self.n_images = int(self._shard_starts[-1])
-        self.n_objects = sum(len(s.columns["object_ids"]) for s in self._shards)
+        self.n_objects = sum(s.n_objects for s in self._shards)
         ids = np.concatenate([np.asarray(s.columns["image_ids"]) for s in self._shards]) if (
             self._shards) else np.zeros(0, dtype=np.int64)
         # Image id -> position by binary search: two int64 arrays instead of a dict of
@@ -216,8 +267,8 @@ class MaskStore:
         return report.read_text(encoding="utf-8").splitlines() if report.is_file() else []
 
     def __getstate__(self) -> dict[str, Any]:
-        # Memory maps are reopened in the receiving process (DataLoader workers under
-        # spawn) rather than pickled as copies of the data.
+        # File descriptors are reopened in the receiving process (DataLoader workers
+        # under spawn) and the columns re-read there rather than pickled.
         return {"path": self.path}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -258,7 +309,7 @@ class MaskStore:
 
     def object_areas(self) -> np.ndarray:
         """(n_objects,) float64: every object's area, in store order."""
-        parts = [np.asarray(s.columns["areas"]) for s in self._shards]
+        parts = [s.columns["areas"][:] for s in self._shards]
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.float64)
 
     def image(self, image_id: int) -> ImageRecord:
@@ -430,14 +481,15 @@ def _shard_columns(
     yield "object_ends", np.asarray(object_ends, dtype=np.int64)
     yield "object_ids", np.array([o.object_id for o in objects], dtype=np.int64)
     yield "category_ids", np.array([o.category_id for o in objects], dtype=np.int32)
-    yield "bboxes_xywh", np.array([o.bbox_xywh for o in objects], dtype=np.float64).reshape(-1, 4)
+    # fromiter over a flat chain: np.array over a list of tuples is several times slower.
+    boxes = chain.from_iterable(o.bbox_xywh for o in objects)
+    yield "bboxes_xywh", np.fromiter(boxes, np.float64, 4 * len(objects)).reshape(-1, 4)
     yield "areas", np.array([o.area for o in objects], dtype=np.float64)
     yield "scores", np.array(
         [np.nan if o.score is None else o.score for o in objects], dtype=np.float64
     )
-    yield "rle_hw", np.array(
-        [tuple(o.rle["size"]) if o.rle is not None else (-1, -1) for o in objects], dtype=np.int32
-    ).reshape(-1, 2)
+    sizes = chain.from_iterable(o.rle["size"] if o.rle is not None else (-1, -1) for o in objects)
+    yield "rle_hw", np.fromiter(sizes, np.int32, 2 * len(objects)).reshape(-1, 2)
     yield "counts_bytes", np.frombuffer(b"".join(counts), dtype=np.uint8)
     yield "counts_ends", _ends([len(c) for c in counts])
 
@@ -489,7 +541,7 @@ def _read_manifest(path: Path) -> dict[str, Any]:
 
 
 def read_store(path: Path | str) -> MaskStore:
-    """Open a store directory written by `StoreWriter`/`write_store` (lazily, memory-mapped)."""
+    """Open a store directory written by `StoreWriter`/`write_store` (objects read lazily)."""
     return MaskStore(path)
 
 
