@@ -1,4 +1,4 @@
-"""`odis masks coco|sam|stats`: build and inspect the mask store."""
+"""`odis masks coco|sam|stats|show|export`: build and inspect the mask store."""
 
 from __future__ import annotations
 
@@ -135,3 +135,41 @@ def stats(
         if json_out is not None:
             json_out.write_text(json.dumps(figures, indent=2) + "\n")
     console.print(_summary_table(f"mask store {store}", figures))
+
+
+@app.command("show")
+def show(
+    store: Annotated[Path, typer.Argument(help="Mask store directory.")],
+    image: Annotated[str, typer.Option(help="File name of the image, as the store lists it.")],
+    out: Annotated[Path, typer.Option(help="PNG to write.")],
+    images: Annotated[
+        Path | None, typer.Option(help="Image folder (default: the one the store records).")
+    ] = None,
+) -> None:
+    """Draw an image with its objects' masks, boxes and labels into a PNG."""
+    from odis_core.atomic import atomic_write
+    from odis_core.masks.render import render_objects
+    from odis_core.masks.store import read_store
+
+    with cli_errors():
+        opened = read_store(store)
+        canvas = render_objects(opened, image, images)
+        with atomic_write(out) as handle:
+            canvas.save(handle, format="PNG")
+        n_objects = len(opened.objects_of(opened.image_by_name(image).image_id))  # type: ignore[union-attr]
+    console.print(f"wrote {out} ({canvas.width}x{canvas.height}, {n_objects} objects)")
+
+
+@app.command("export")
+def export(
+    store: Annotated[Path, typer.Argument(help="Mask store directory.")],
+    out: Annotated[Path, typer.Option(help="COCO instances JSON to write.")],
+) -> None:
+    """Write the store as a COCO instances JSON (pycocotools loads it; `odis masks coco`
+    imports it back unchanged)."""
+    from odis_core.masks.store import export_coco, read_store
+
+    with cli_errors():
+        opened = read_store(store)
+        export_coco(opened, out)
+    console.print(f"wrote {out} ({opened.n_images} images, {opened.n_objects} objects)")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import io
+import shutil
 import struct
 import zlib
 from collections.abc import Iterator
@@ -45,7 +46,7 @@ def _pattern(height: int, width: int, seed: int = 0) -> np.ndarray:
     return image
 
 
-def _bomb_png(path: Path, side: int = BOMB_SIDE) -> None:
+def write_bomb_png(path: Path, side: int = BOMB_SIDE) -> Path:
     """A real, valid grayscale PNG of side x side zeros, compressed row by row (never held)."""
 
     def chunk(kind: bytes, data: bytes) -> bytes:
@@ -61,6 +62,7 @@ def _bomb_png(path: Path, side: int = BOMB_SIDE) -> None:
     with open(path, "wb") as handle:
         handle.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header))
         handle.write(chunk(b"IDAT", b"".join(parts)) + chunk(b"IEND", b""))
+    return path
 
 
 def _exif_rotated_jpeg(path: Path, width: int, height: int) -> None:
@@ -70,8 +72,9 @@ def _exif_rotated_jpeg(path: Path, width: int, height: int) -> None:
     Image.fromarray(_pattern(height, width, 5)).save(path, "JPEG", exif=exif.tobytes())
 
 
-def write_image_corpus(root: Path, bomb: bool = True) -> ImageCorpus:
-    """Write the image corpus under `root` (created) and say what each file should do."""
+def write_image_corpus(root: Path, bomb: bool | Path = True) -> ImageCorpus:
+    """Write the image corpus under `root` (created) and say what each file should do.
+    `bomb`: write the 20k x 20k PNG (about a second), copy it from a path, or leave it out."""
     root.mkdir(parents=True, exist_ok=True)
     readable: dict[str, tuple[int, int]] = {}
     rgb = Image.fromarray(_pattern(48, 64, 1))
@@ -101,8 +104,11 @@ def write_image_corpus(root: Path, bomb: bool = True) -> ImageCorpus:
     (root / "truncated.jpg").write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 3])
     (root / "empty.jpg").write_bytes(b"")
     (root / "text.jpg").write_text("this is not an image\n")
-    if bomb:
-        _bomb_png(root / "bomb.png")
+    if isinstance(bomb, Path):
+        shutil.copyfile(bomb, root / "bomb.png")
+        unreadable.append("bomb.png")
+    elif bomb:
+        write_bomb_png(root / "bomb.png")
         unreadable.append("bomb.png")
     return ImageCorpus(root, readable, sorted(unreadable))
 

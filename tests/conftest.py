@@ -78,3 +78,21 @@ def tiny_sam_checkpoint(tmp_path, monkeypatch) -> Path:
 
     monkeypatch.setitem(sam_model_registry, "vit_b", _build_tiny_sam_vit_b)
     return save_tiny_sam(tmp_path / "tiny_sam_vit_b.pth")
+
+
+# --- the bad-input corpus (tests/bad_inputs.py), for any command's tests ------------------
+
+
+@pytest.fixture(scope="session")
+def _bomb_png(tmp_path_factory):
+    from bad_inputs import write_bomb_png
+
+    return write_bomb_png(tmp_path_factory.mktemp("bomb") / "bomb.png")
+
+
+@pytest.fixture
+def bad_image_corpus(tmp_path, _bomb_png):
+    """An ImageCorpus under tmp_path/corpus: odd images that load, broken ones that don't."""
+    from bad_inputs import write_image_corpus
+
+    return write_image_corpus(tmp_path / "corpus", bomb=_bomb_png)

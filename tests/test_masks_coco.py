@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+from bad_inputs import bad_annotation_cases, good_annotations
 from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
@@ -200,3 +201,74 @@ def test_missing_keys_raise_a_format_error(tmp_path, damage):
     with pytest.raises(CocoFormatError, match=str(path)):
         import_coco(path, tmp_path / "store")
     assert not (tmp_path / "store").exists()
+
+
+@pytest.mark.parametrize(
+    ("content", "words"),
+    [pytest.param(content, words, id=name) for name, content, words in bad_annotation_cases()],
+)
+def test_each_bad_annotation_file_fails_before_any_work(tmp_path, bad_image_corpus, content,
+                                                        words):
+    path = tmp_path / "bad.json"
+    path.write_text(content if isinstance(content, str) else json.dumps(content))
+    with pytest.raises(CocoFormatError) as raised:
+        import_coco(path, tmp_path / "store", images_root=bad_image_corpus.root)
+    message = str(raised.value)
+    assert message.startswith(f"{path}: ") and "\n" not in message
+    assert words in message, message
+    assert not (tmp_path / "store").exists()
+
+
+def test_unreadable_images_are_listed_in_the_store_report(tmp_path, bad_image_corpus):
+    dataset = good_annotations()
+    names = ["plain.jpg", "gray.png", *bad_image_corpus.unreadable, "absent.jpg"]
+    dataset["images"] = [
+        {"id": i, "file_name": name, "width": 64, "height": 48}
+        for i, name in enumerate(names, start=1)
+    ]
+    path = tmp_path / "instances.json"
+    path.write_text(json.dumps(dataset))
+    store, report = import_coco(path, tmp_path / "store", images_root=bad_image_corpus.root)
+    listed = [line.split(":")[0] for line in store.skipped]
+    expected = sorted([*bad_image_corpus.unreadable, "absent.jpg"])
+    assert sorted(listed) == expected
+    assert report.n_missing_images == len(expected)
+    assert (tmp_path / "store" / "skipped.txt").read_text().count("\n") == len(expected)
+
+
+def test_coco_round_trip_is_lossless(coco_file, tmp_path):
+    first = import_coco(coco_file, tmp_path / "first")[0]
+    exported = export_coco(first, tmp_path / "first.json")
+    second = import_coco(exported, tmp_path / "second")[0]
+    assert list(second.images) == list(first.images)
+    assert list(second.objects) == list(first.objects)
+    assert second.categories == first.categories
+    assert export_coco(second, tmp_path / "second.json").read_text() == exported.read_text()
+    with contextlib.redirect_stdout(io.StringIO()):
+        reloaded = COCO(str(exported))
+    assert sorted(reloaded.anns) == sorted(obj.object_id for obj in first.objects)
+
+
+def test_a_store_spans_several_shards_and_reads_back_by_id(coco_file, tmp_path):
+    from odis_core.masks.store import write_store
+
+    one = import_coco(coco_file, tmp_path / "one")[0]
+    many = write_store(tmp_path / "many", list(one.images), list(one.objects), one.categories,
+                       shard_images=1)
+    assert len(list((tmp_path / "many" / "shards").iterdir())) == 3
+    for image in one.images:
+        assert many.objects_of(image.image_id) == one.objects_of(image.image_id)
+        assert many.image(image.image_id) == image
+        assert many.image_by_name(image.file_name) == image
+    assert many.objects_of(12345) == []
+    assert list(many.object_counts()) == [len(one.objects_of(i.image_id)) for i in one.images]
+
+
+def test_a_version_one_store_asks_for_a_conversion(tmp_path):
+    from odis_core.masks.store import MaskStoreError
+
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "manifest.json").write_text(json.dumps({"format": "odis-mask-store", "version": 1}))
+    with pytest.raises(MaskStoreError, match="odis masks coco --annotations"):
+        read_store(old)

@@ -9,6 +9,9 @@ import numpy as np
 from odis_core.masks.store import MaskStore
 
 
+OBJECTS_PER_IMAGE_BINS = (("1", 1, 1), ("2-5", 2, 5), ("6-20", 6, 20), ("over_20", 21, 2**62))
+
+
 def store_statistics(store: MaskStore) -> dict[str, Any]:
     """Counts, objects per image, area percentiles; images without objects train on the
     whole image (spec §2), so their number is reported."""
@@ -26,4 +29,11 @@ def store_statistics(store: MaskStore) -> dict[str, Any]:
     for percentile in (10, 50, 90):
         value = float(np.percentile(areas, percentile)) if areas.size else 0.0
         figures[f"area_p{percentile}"] = round(value, 1)
+    for name, low, high in OBJECTS_PER_IMAGE_BINS:
+        figures[f"images_with_{name}_objects"] = int(((per_image >= low) & (per_image <= high)).sum())
+    # COCO's own size classes, so the figures compare with COCO's APs/APm/APl splits.
+    figures["objects_small"] = int((areas < 32**2).sum())
+    figures["objects_medium"] = int(((areas >= 32**2) & (areas < 96**2)).sum())
+    figures["objects_large"] = int((areas >= 96**2).sum())
+    figures["images_skipped"] = len(store.skipped)
     return figures
