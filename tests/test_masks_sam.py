@@ -88,8 +88,10 @@ def test_store_lists_every_readable_image_with_valid_masks(sam, image_folder, tm
         "generator_kwargs": GENERATOR,
         "max_masks": None,
         "min_area": 0.0,
+        "encoder_dtype": "float32",
     }
     assert len(reopened.objects) == len(store.objects)
+    assert reopened.skipped == [report.skipped[0]]  # the store's skipped.txt
 
 
 def test_max_masks_keeps_the_best_by_iou_times_stability(sam, image_folder, tmp_path):
@@ -244,3 +246,29 @@ def test_generator_settings_reach_sam(sam, image_folder, tmp_path):
     with pytest.raises(SamError, match="no_such_setting"):
         run(sam, image_folder, tmp_path / "bad", generator_kwargs={"no_such_setting": 1})
     json.dumps(read_store(tmp_path / "dense").settings)  # plain data
+
+
+def test_batches_of_images_give_the_same_store(sam, image_folder, tmp_path):
+    one, _ = run(sam, image_folder, tmp_path / "one")
+    batched, _ = run(sam, image_folder, tmp_path / "batched", batch_size=3)
+    assert list(batched.images) == list(one.images)
+    # A batched matmul rounds differently in the last bit (1e-6 on embeddings of ~3); the
+    # tiny SAM's logit scale of 300 can flip a pixel or two of a low-score mask.
+    for image in one.images:
+        got, want = batched.objects_of(image.image_id), one.objects_of(image.image_id)
+        assert len(got) == len(want)
+        for a, b in zip(got, want, strict=True):
+            assert mask_utils.iou([a.rle], [b.rle], [0])[0, 0] > 0.8
+            assert a.score == pytest.approx(b.score, abs=1e-3)
+
+
+def test_the_bad_image_corpus_is_segmented_or_skipped_and_listed(sam, tmp_path,
+                                                                 bad_image_corpus):
+    store, report = run(sam, bad_image_corpus.root, tmp_path / "store", batch_size=4)
+    assert {i.file_name: (i.width, i.height) for i in store.images} == bad_image_corpus.readable
+    assert sorted(line.split(":")[0] for line in store.skipped) == bad_image_corpus.unreadable
+    assert report.n_skipped == len(bad_image_corpus.unreadable)
+    # Masks are made on the EXIF-rotated image, the one crops and embeddings read.
+    rotated = store.image_by_name("exif_rotated.jpg")
+    for obj in store.objects_of(rotated.image_id):
+        assert obj.rle["size"] == [64, 40]

@@ -18,6 +18,7 @@ import math
 import pickle
 import weakref
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,10 +28,10 @@ import numpy as np
 import segment_anything
 import torch
 from pycocotools import mask as mask_utils
-from segment_anything import SamAutomaticMaskGenerator
 from segment_anything.modeling import Sam
 
 from odis_core.images import UnreadableImageError, list_images, load_rgb
+from odis_core.masks.sam_batch import BatchedMaskGenerator, batched_generator
 from odis_core.masks.store import (
     UNKNOWN_CATEGORY,
     ImageRecord,
@@ -202,25 +203,51 @@ def _refuse_other_store(out: Path, settings: dict[str, Any]) -> None:
         )
 
 
-def _segment(
-    generator: SamAutomaticMaskGenerator,
-    images_root: Path,
-    name: str,
+def _load(images_root: Path, name: str) -> np.ndarray | str:
+    """HWC uint8 RGB pixels of image `name`, or why it cannot be read."""
+    try:
+        return np.asarray(load_rgb(images_root / name))
+    except UnreadableImageError as error:
+        return error.reason
+
+
+def _loaded_batches(
+    images_root: Path, names: list[str], batch_size: int
+) -> Iterator[list[tuple[str, np.ndarray | str]]]:
+    """Batches of (name, pixels or reason); the next batch is decoded on threads while the
+    caller segments this one (decoding must not leave the GPU waiting)."""
+    batches = [names[i : i + batch_size] for i in range(0, len(names), batch_size)]
+    with ThreadPoolExecutor(max_workers=min(8, max(1, batch_size))) as pool:
+        pending = [pool.submit(_load, images_root, n) for n in batches[0]] if batches else []
+        for k, batch in enumerate(batches):
+            current = pending
+            if k + 1 < len(batches):
+                pending = [pool.submit(_load, images_root, n) for n in batches[k + 1]]
+            yield [(name, future.result()) for name, future in zip(batch, current, strict=True)]
+
+
+def _segment_batch(
+    generator: BatchedMaskGenerator,
+    loaded: list[tuple[str, np.ndarray | str]],
     max_masks: int | None,
     min_area: float,
-) -> dict[str, Any]:
-    """One journal entry: the kept masks of image `name`, or why it was skipped."""
-    try:
-        rgb = load_rgb(images_root / name)
-    except UnreadableImageError as error:
-        return {"file_name": name, "skipped": error.reason}
+) -> list[dict[str, Any]]:
+    """Journal entries for one batch: each image's kept masks, or why it was skipped."""
+    readable = [pixels for _, pixels in loaded if not isinstance(pixels, str)]
     with torch.inference_mode():
-        records = generator.generate(np.asarray(rgb))
-    masks = [
-        {"rle": record["segmentation"], "score": float(record["predicted_iou"])}
-        for record in select_masks(records, max_masks, min_area)
-    ]
-    return {"file_name": name, "width": rgb.width, "height": rgb.height, "masks": masks}
+        records = iter(generator.generate_batch(readable))
+    entries = []
+    for name, pixels in loaded:
+        if isinstance(pixels, str):
+            entries.append({"file_name": name, "skipped": pixels})
+            continue
+        masks = [
+            {"rle": record["segmentation"], "score": float(record["predicted_iou"])}
+            for record in select_masks(next(records), max_masks, min_area)
+        ]
+        height, width = pixels.shape[:2]
+        entries.append({"file_name": name, "width": width, "height": height, "masks": masks})
+    return entries
 
 
 def _write_store(
@@ -266,6 +293,8 @@ def generate_sam_masks(
     min_area: float = 0.0,
     progress: Callable[[int, int], None] | None = None,
     shard: tuple[int, int] | None = None,
+    batch_size: int = 1,
+    bf16: bool = True,
 ) -> tuple[MaskStore | None, SamReport]:
     """Segment every image under `images_root` (sorted order) with SAM's automatic mask
     generator and write the masks as a class-agnostic store at `out`.
@@ -277,7 +306,12 @@ def generate_sam_masks(
     this call's images. `shard=(i, n)` segments images i, i+n, i+2n, ... only; the store is
     returned once every image is done (by any shard), else None with `report.complete`
     False. Resumes from `out`'s journal when one exists (see the module docstring).
+    `batch_size` images go through SAM's image encoder together (`sam_batch`); `bf16` runs
+    that encoder under bf16 autocast on CUDA (ignored on CPU). Neither changes which
+    images a resumed run skips; bf16 is part of the settings a resume must match.
     """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if max_masks is not None and max_masks < 1:
         raise ValueError(f"max_masks must be >= 1, got {max_masks}")
     if min_area < 0:
@@ -289,7 +323,7 @@ def generate_sam_masks(
     names = list_images(images_root)
     generator_kwargs = dict(generator_kwargs or {})
     try:
-        generator = SamAutomaticMaskGenerator(sam, output_mode="coco_rle", **generator_kwargs)
+        generator = batched_generator(sam, generator_kwargs, bf16=bf16)
     except (TypeError, ValueError, AssertionError, ImportError) as error:
         raise SamError(f"invalid SAM generator settings {generator_kwargs} ({error})") from None
     origin = _ORIGIN.get(sam, {})
@@ -300,6 +334,7 @@ def generate_sam_masks(
             "generator_kwargs": generator_kwargs,
             "max_masks": max_masks,
             "min_area": min_area,
+            "encoder_dtype": "bfloat16" if generator.bf16 else "float32",
         }
     )
     header = {
@@ -317,12 +352,14 @@ def generate_sam_masks(
     journal_path = out / JOURNAL_DIR / f"shard-{shard_index}-of-{shard_count}.jsonl"
     if progress is not None:
         progress(n_resumed, len(mine))
+    done = n_resumed
     with _journal_writer(journal_path, header) as journal:
-        for done, name in enumerate(todo, start=n_resumed + 1):
-            entry = _segment(generator, images_root, name, max_masks, min_area)
-            journal.write(json.dumps(entry) + "\n")
-            journal.flush()  # a killed run loses at most the image in flight
-            journaled[name] = entry
+        for loaded in _loaded_batches(images_root, todo, batch_size):
+            for entry in _segment_batch(generator, loaded, max_masks, min_area):
+                journal.write(json.dumps(entry) + "\n")
+                journaled[entry["file_name"]] = entry
+                done += 1
+            journal.flush()  # a killed run loses at most the batch in flight
             if progress is not None:
                 progress(done, len(mine))
 
