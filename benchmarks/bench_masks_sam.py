@@ -27,23 +27,38 @@ from odis_core.masks.sam_batch import batched_generator
 def tiny_sam():
     """segment-anything's own modules at toy size (64 px input), for CPU runs."""
     from segment_anything.modeling import (
-        ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer,
+        ImageEncoderViT,
+        MaskDecoder,
+        PromptEncoder,
+        Sam,
+        TwoWayTransformer,
     )
 
     return Sam(
         image_encoder=ImageEncoderViT(
-            img_size=64, patch_size=16, embed_dim=32, depth=1, num_heads=2, mlp_ratio=2.0,
-            out_chans=32, qkv_bias=True, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+            img_size=64,
+            patch_size=16,
+            embed_dim=32,
+            depth=1,
+            num_heads=2,
+            mlp_ratio=2.0,
+            out_chans=32,
+            qkv_bias=True,
+            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
             use_rel_pos=True,
         ),
-        prompt_encoder=PromptEncoder(embed_dim=32, image_embedding_size=(4, 4),
-                                     input_image_size=(64, 64), mask_in_chans=4),
+        prompt_encoder=PromptEncoder(
+            embed_dim=32, image_embedding_size=(4, 4), input_image_size=(64, 64), mask_in_chans=4
+        ),
         mask_decoder=MaskDecoder(
             num_multimask_outputs=3,
             transformer=TwoWayTransformer(depth=1, embedding_dim=32, mlp_dim=32, num_heads=2),
-            transformer_dim=32, iou_head_depth=2, iou_head_hidden_dim=16,
+            transformer_dim=32,
+            iou_head_depth=2,
+            iou_head_hidden_dim=16,
         ),
-        pixel_mean=[123.675, 116.28, 103.53], pixel_std=[58.395, 57.12, 57.375],
+        pixel_mean=[123.675, 116.28, 103.53],
+        pixel_std=[58.395, 57.12, 57.375],
     )
 
 
@@ -99,11 +114,15 @@ def main() -> None:
         batches = [images[i : i + args.batch_size] for i in range(0, len(images), args.batch_size)]
         ours_s = timed(lambda: [ours.generate_batch(batch) for batch in batches], args.device)
 
-    table = Table(title=f"SAM {args.model_type} on {args.device}: {args.images} images "
-                        f"{args.size[0]}x{args.size[1]}, random weights")
+    table = Table(
+        title=f"SAM {args.model_type} on {args.device}: {args.images} images "
+        f"{args.size[0]}x{args.size[1]}, random weights"
+    )
     for column in ("path", "images/s", "speed-up"):
         table.add_column(column, justify="right" if column != "path" else "left")
-    table.add_row("SamAutomaticMaskGenerator, image by image", f"{args.images / plain_s:.2f}", "1.00x")
+    table.add_row(
+        "SamAutomaticMaskGenerator, image by image", f"{args.images / plain_s:.2f}", "1.00x"
+    )
     label = f"odis batched (batch {args.batch_size}, encoder {'bf16' if ours.bf16 else 'fp32'}, "
     label += f"{ours.points_per_batch} prompts/pass)"
     table.add_row(label, f"{args.images / ours_s:.2f}", f"{plain_s / ours_s:.2f}x")

@@ -78,7 +78,9 @@ def probe_image(path: Path | str, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[i
     except Exception as error:  # noqa: BLE001 (every failure is one reason, reported)
         raise _unreadable(path, error) from None
     if width * height > max_pixels:
-        raise UnreadableImageError(path, f"{width}x{height} pixels exceeds the limit of {max_pixels}")
+        raise UnreadableImageError(
+            path, f"{width}x{height} pixels exceeds the limit of {max_pixels}"
+        )
     if width < 1 or height < 1:
         raise UnreadableImageError(path, "empty image")
     return (height, width) if orientation in _TRANSPOSING_ORIENTATIONS else (width, height)

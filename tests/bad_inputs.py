@@ -50,8 +50,11 @@ def write_bomb_png(path: Path, side: int = BOMB_SIDE) -> Path:
     """A real, valid grayscale PNG of side x side zeros, compressed row by row (never held)."""
 
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(
-            ">I", zlib.crc32(kind + data) & 0xFFFFFFFF
+        return (
+            struct.pack(">I", len(data))
+            + kind
+            + data
+            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
         )
 
     compressor = zlib.compressobj(1)
@@ -121,8 +124,15 @@ def good_annotations() -> dict:
             {"id": 2, "file_name": "gray.png", "width": 64, "height": 48},
         ],
         "annotations": [
-            {"id": 1, "image_id": 1, "category_id": 1, "iscrowd": 0,
-             "segmentation": [[4, 4, 30, 4, 30, 30, 4, 30]], "bbox": [4, 4, 26, 26], "area": 1},
+            {
+                "id": 1,
+                "image_id": 1,
+                "category_id": 1,
+                "iscrowd": 0,
+                "segmentation": [[4, 4, 30, 4, 30, 30, 4, 30]],
+                "bbox": [4, 4, 26, 26],
+                "area": 1,
+            },
             {"id": 2, "image_id": 2, "category_id": 1, "bbox": [10, 10, 20, 12]},
         ],
         "categories": [{"id": 1, "name": "thing"}],
@@ -140,22 +150,49 @@ def bad_annotation_cases() -> Iterator[tuple[str, str | dict, str]]:
         return dataset
 
     yield "no_images_key", damaged(lambda d: d.pop("images")), "'images'"
-    yield "image_without_file_name", damaged(lambda d: d["images"][0].pop("file_name")), (
-        "file_name")
-    yield "unknown_image_id", damaged(lambda d: d["annotations"][0].update(image_id=99)), (
-        "image ids not in 'images'")
-    yield "box_outside_image", damaged(
-        lambda d: d["annotations"][1].update(bbox=[100, 100, 10, 10])), "outside its image"
-    yield "zero_area_box", damaged(lambda d: d["annotations"][1].update(bbox=[10, 10, 0, 5])), (
-        "non-positive")
-    yield "negative_box", damaged(lambda d: d["annotations"][1].update(bbox=[10, 10, -4, 5])), (
-        "non-positive")
-    yield "short_polygon", damaged(
-        lambda d: d["annotations"][0].update(segmentation=[[4, 4, 30, 4]])), "fewer than 3 points"
-    yield "parent_path", damaged(lambda d: d["images"][0].update(file_name="../escape.jpg")), (
-        "outside the image root")
-    yield "absolute_path", damaged(lambda d: d["images"][0].update(file_name="/etc/passwd")), (
-        "outside the image root")
+    yield (
+        "image_without_file_name",
+        damaged(lambda d: d["images"][0].pop("file_name")),
+        ("file_name"),
+    )
+    yield (
+        "unknown_image_id",
+        damaged(lambda d: d["annotations"][0].update(image_id=99)),
+        ("image ids not in 'images'"),
+    )
+    yield (
+        "box_outside_image",
+        damaged(lambda d: d["annotations"][1].update(bbox=[100, 100, 10, 10])),
+        "outside its image",
+    )
+    yield (
+        "zero_area_box",
+        damaged(lambda d: d["annotations"][1].update(bbox=[10, 10, 0, 5])),
+        ("non-positive"),
+    )
+    yield (
+        "negative_box",
+        damaged(lambda d: d["annotations"][1].update(bbox=[10, 10, -4, 5])),
+        ("non-positive"),
+    )
+    yield (
+        "short_polygon",
+        damaged(lambda d: d["annotations"][0].update(segmentation=[[4, 4, 30, 4]])),
+        "fewer than 3 points",
+    )
+    yield (
+        "parent_path",
+        damaged(lambda d: d["images"][0].update(file_name="../escape.jpg")),
+        ("outside the image root"),
+    )
+    yield (
+        "absolute_path",
+        damaged(lambda d: d["images"][0].update(file_name="/etc/passwd")),
+        ("outside the image root"),
+    )
     yield "duplicate_image_id", damaged(lambda d: d["images"][1].update(id=1)), "listed twice"
-    yield "duplicate_annotation_id", damaged(lambda d: d["annotations"][1].update(id=1)), (
-        "repeated id")
+    yield (
+        "duplicate_annotation_id",
+        damaged(lambda d: d["annotations"][1].update(id=1)),
+        ("repeated id"),
+    )

@@ -7,7 +7,13 @@ from typer.testing import CliRunner
 
 from odis_cli.app import app
 from odis_core.masks.render import MASK_OPACITY, object_colour, render_objects
-from odis_core.masks.store import ImageRecord, MaskStoreError, ObjectRecord, object_from_mask, write_store
+from odis_core.masks.store import (
+    ImageRecord,
+    MaskStoreError,
+    ObjectRecord,
+    object_from_mask,
+    write_store,
+)
 
 
 @pytest.fixture
@@ -21,8 +27,9 @@ def store(tmp_path):
         object_from_mask(mask, 1, 1, category_id=3, score=0.9),
         ObjectRecord(2, 1, 3, (34.0, 20.0, 10.0, 8.0), 80.0),  # a box only
     ]
-    return write_store(tmp_path / "store", [ImageRecord(1, "a.png", 48, 32)], objects,
-                       {3: "cup"}, images_root=root)
+    return write_store(
+        tmp_path / "store", [ImageRecord(1, "a.png", 48, 32)], objects, {3: "cup"}, images_root=root
+    )
 
 
 def test_masks_and_boxes_are_tinted_where_the_objects_are(store):
@@ -41,21 +48,27 @@ def test_an_unknown_image_names_the_store(store):
 
 def test_show_writes_a_png_of_the_image_size(store, tmp_path):
     out = tmp_path / "shown.png"
-    result = CliRunner().invoke(app, ["masks", "show", str(store.path), "--image", "a.png",
-                                      "--out", str(out)])
+    result = CliRunner().invoke(
+        app, ["masks", "show", str(store.path), "--image", "a.png", "--out", str(out)]
+    )
     assert result.exit_code == 0, result.output
     with Image.open(out) as shown:
         assert shown.format == "PNG" and shown.size == (48, 32)
-    missing = CliRunner().invoke(app, ["masks", "show", str(store.path), "--image", "nope.png",
-                                       "--out", str(out)])
+    missing = CliRunner().invoke(
+        app, ["masks", "show", str(store.path), "--image", "nope.png", "--out", str(out)]
+    )
     assert missing.exit_code == 1
 
 
 def test_show_respects_exif_orientation(tmp_path, bad_image_corpus):
     from odis_core.masks.store import write_store
 
-    store = write_store(tmp_path / "store", [ImageRecord(1, "exif_rotated.jpg", 40, 64)], [],
-                        images_root=bad_image_corpus.root)
+    store = write_store(
+        tmp_path / "store",
+        [ImageRecord(1, "exif_rotated.jpg", 40, 64)],
+        [],
+        images_root=bad_image_corpus.root,
+    )
     assert render_objects(store, "exif_rotated.jpg").size == (40, 64)
 
 

@@ -272,3 +272,16 @@ def test_the_bad_image_corpus_is_segmented_or_skipped_and_listed(sam, tmp_path,
     rotated = store.image_by_name("exif_rotated.jpg")
     for obj in store.objects_of(rotated.image_id):
         assert obj.rle["size"] == [64, 40]
+
+
+def test_three_shards_cover_every_image_exactly_once(sam, image_folder, tmp_path):
+    out = tmp_path / "store"
+    stores = [run(sam, image_folder, out, shard=(i, 3))[0] for i in range(3)]
+    assert stores[0] is None and stores[1] is None and stores[2] is not None
+    per_shard = []
+    for i in range(3):
+        lines = (out / "sam_journal" / f"shard-{i}-of-3.jsonl").read_text().splitlines()[1:]
+        per_shard.append([json.loads(line)["file_name"] for line in lines])
+    everything = sorted(name for names in per_shard for name in names)
+    assert everything == sorted([*READABLE, "broken.jpg"])  # each once, none missing
+    assert [image.file_name for image in stores[2].images] == READABLE

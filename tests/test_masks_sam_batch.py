@@ -28,16 +28,20 @@ def images():
 
 
 def key(records):
-    return [(r["segmentation"]["counts"], round(r["predicted_iou"], 4),
-             round(r["stability_score"], 4)) for r in records]
+    return [
+        (r["segmentation"]["counts"], round(r["predicted_iou"], 4), round(r["stability_score"], 4))
+        for r in records
+    ]
 
 
 # The tiny random SAM's scores sit below SAM's default thresholds: keep every mask.
 KEEP_ALL = {"pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}
 
 
-@pytest.mark.parametrize("settings", [{"points_per_side": 8, **KEEP_ALL},
-                                      {"points_per_side": 4, "crop_n_layers": 1, **KEEP_ALL}])
+@pytest.mark.parametrize(
+    "settings",
+    [{"points_per_side": 8, **KEEP_ALL}, {"points_per_side": 4, "crop_n_layers": 1, **KEEP_ALL}],
+)
 def test_batched_masks_equal_the_plain_generator(sam, settings):
     plain = SamAutomaticMaskGenerator(sam, output_mode="coco_rle", **settings)
     batched = BatchedMaskGenerator(sam, output_mode="coco_rle", **settings)
@@ -50,8 +54,9 @@ def test_batched_masks_equal_the_plain_generator(sam, settings):
 def test_the_encoder_runs_once_per_batch(sam, monkeypatch):
     calls = []
     original = sam.image_encoder.forward
-    monkeypatch.setattr(sam.image_encoder, "forward",
-                        lambda x: calls.append(x.shape[0]) or original(x))
+    monkeypatch.setattr(
+        sam.image_encoder, "forward", lambda x: calls.append(x.shape[0]) or original(x)
+    )
     BatchedMaskGenerator(sam, output_mode="coco_rle", points_per_side=4).generate_batch(images())
     assert calls == [3]
 

@@ -30,14 +30,33 @@ N_IMAGES = 16
 
 def odis_masks_sam(images, checkpoint, out):
     command = [
-        sys.executable, "-c", LAUNCHER, str(TESTS), "masks", "sam", "--images", str(images),
-        "--checkpoint", str(checkpoint), "--model-type", "vit_b", "--out", str(out),
-        "--points-per-side", "4", "--pred-iou-thresh", "0", "--stability-score-thresh", "0",
-        "--batch-size", "1", "--device", "cpu",
+        sys.executable,
+        "-c",
+        LAUNCHER,
+        str(TESTS),
+        "masks",
+        "sam",
+        "--images",
+        str(images),
+        "--checkpoint",
+        str(checkpoint),
+        "--model-type",
+        "vit_b",
+        "--out",
+        str(out),
+        "--points-per-side",
+        "4",
+        "--pred-iou-thresh",
+        "0",
+        "--stability-score-thresh",
+        "0",
+        "--batch-size",
+        "1",
+        "--device",
+        "cpu",
     ]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+    return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
 def journal_entries(out):

@@ -21,7 +21,9 @@ def object_colour(index: int) -> tuple[int, int, int]:
     return int(red * 255), int(green * 255), int(blue * 255)
 
 
-def render_objects(store: MaskStore, file_name: str, images_root: Path | None = None) -> Image.Image:
+def render_objects(
+    store: MaskStore, file_name: str, images_root: Path | None = None
+) -> Image.Image:
     """The image `file_name` of `store` (EXIF orientation applied, as every command reads
     it) with each object's mask tinted, its box outlined and its label written; the result
     has the image's size. Raises MaskStoreError when the store does not list `file_name`,

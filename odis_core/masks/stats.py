@@ -8,7 +8,6 @@ import numpy as np
 
 from odis_core.masks.store import MaskStore
 
-
 OBJECTS_PER_IMAGE_BINS = (("1", 1, 1), ("2-5", 2, 5), ("6-20", 6, 20), ("over_20", 21, 2**62))
 
 
@@ -30,7 +29,9 @@ def store_statistics(store: MaskStore) -> dict[str, Any]:
         value = float(np.percentile(areas, percentile)) if areas.size else 0.0
         figures[f"area_p{percentile}"] = round(value, 1)
     for name, low, high in OBJECTS_PER_IMAGE_BINS:
-        figures[f"images_with_{name}_objects"] = int(((per_image >= low) & (per_image <= high)).sum())
+        figures[f"images_with_{name}_objects"] = int(
+            ((per_image >= low) & (per_image <= high)).sum()
+        )
     # COCO's own size classes, so the figures compare with COCO's APs/APm/APl splits.
     figures["objects_small"] = int((areas < 32**2).sum())
     figures["objects_medium"] = int(((areas >= 32**2) & (areas < 96**2)).sum())

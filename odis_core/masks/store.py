@@ -55,8 +55,14 @@ DEFAULT_SHARD_IMAGES = 32_768
 
 _IMAGE_COLUMNS = ("image_ids", "image_hw", "name_bytes", "name_ends", "object_ends")
 _OBJECT_COLUMNS = (
-    "object_ids", "category_ids", "bboxes_xywh", "areas", "scores", "rle_hw",
-    "counts_bytes", "counts_ends",
+    "object_ids",
+    "category_ids",
+    "bboxes_xywh",
+    "areas",
+    "scores",
+    "rle_hw",
+    "counts_bytes",
+    "counts_ends",
 )
 
 
@@ -139,7 +145,9 @@ class _Shard:
                 else:
                     self.columns[name] = _ColumnFile(file)
             except (OSError, ValueError) as error:
-                raise MaskStoreError(f"{file}: missing or unreadable shard column ({error})") from None
+                raise MaskStoreError(
+                    f"{file}: missing or unreadable shard column ({error})"
+                ) from None
         self.n_images = len(self.columns["image_ids"])
         self.n_objects = len(self.columns["object_ids"])
 
@@ -181,7 +189,12 @@ class _Shard:
             offset = end
             records.append(
                 ObjectRecord(
-                    object_id, image_id, category_id, tuple(bbox), area, rle,  # type: ignore[arg-type]
+                    object_id,
+                    image_id,
+                    category_id,
+                    tuple(bbox),
+                    area,
+                    rle,  # type: ignore[arg-type]
                     None if score != score else score,  # NaN marks "no score"
                 )
             )
@@ -251,8 +264,11 @@ class MaskStore:
         self._shard_starts = np.concatenate([[0], np.cumsum(sizes)])
         self.n_images = int(self._shard_starts[-1])
         self.n_objects = sum(s.n_objects for s in self._shards)
-        ids = np.concatenate([np.asarray(s.columns["image_ids"]) for s in self._shards]) if (
-            self._shards) else np.zeros(0, dtype=np.int64)
+        ids = (
+            np.concatenate([np.asarray(s.columns["image_ids"]) for s in self._shards])
+            if (self._shards)
+            else np.zeros(0, dtype=np.int64)
+        )
         # Image id -> position by binary search: two int64 arrays instead of a dict of
         # a million Python ints.
         self._order = np.argsort(ids, kind="stable")
@@ -262,7 +278,7 @@ class MaskStore:
 
     @property
     def skipped(self) -> list[str]:
-        """"file: reason" of every image the run that made the store could not use."""
+        """ "file: reason" of every image the run that made the store could not use."""
         report = self.path / SKIPPED_FILE
         return report.read_text(encoding="utf-8").splitlines() if report.is_file() else []
 
@@ -485,8 +501,9 @@ def _shard_columns(
     boxes = chain.from_iterable(o.bbox_xywh for o in objects)
     yield "bboxes_xywh", np.fromiter(boxes, np.float64, 4 * len(objects)).reshape(-1, 4)
     yield "areas", np.array([o.area for o in objects], dtype=np.float64)
-    yield "scores", np.array(
-        [np.nan if o.score is None else o.score for o in objects], dtype=np.float64
+    yield (
+        "scores",
+        np.array([np.nan if o.score is None else o.score for o in objects], dtype=np.float64),
     )
     sizes = chain.from_iterable(o.rle["size"] if o.rle is not None else (-1, -1) for o in objects)
     yield "rle_hw", np.fromiter(sizes, np.int32, 2 * len(objects)).reshape(-1, 2)
@@ -568,8 +585,12 @@ def export_coco(store: MaskStore, out: Path | str) -> Path:
     with atomic_write(out, "w", encoding="utf-8") as handle:
         handle.write('{"images": [')
         for n, image in enumerate(store.images):
-            record = {"id": image.image_id, "file_name": image.file_name,
-                      "width": image.width, "height": image.height}
+            record = {
+                "id": image.image_id,
+                "file_name": image.file_name,
+                "width": image.width,
+                "height": image.height,
+            }
             handle.write(("," if n else "") + json.dumps(record))
         handle.write('], "annotations": [')
         for n, obj in enumerate(store.objects):
