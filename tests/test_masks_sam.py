@@ -19,7 +19,13 @@ from odis_core.masks.sam import (
     load_sam,
     select_masks,
 )
-from odis_core.masks.store import UNKNOWN_CATEGORY, export_coco, read_store, write_store
+from odis_core.masks.store import (
+    UNKNOWN_CATEGORY,
+    ImageRecord,
+    export_coco,
+    read_store,
+    write_store,
+)
 
 # Few prompts and no quality thresholds, so a random SAM still yields masks.
 GENERATOR = {"points_per_side": 4, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}
@@ -88,7 +94,6 @@ def test_store_lists_every_readable_image_with_valid_masks(sam, image_folder, tm
         "generator_kwargs": GENERATOR,
         "max_masks": None,
         "min_area": 0.0,
-        "encoder_dtype": "float32",
     }
     assert len(reopened.objects) == len(store.objects)
     assert reopened.skipped == [report.skipped[0]]  # the store's skipped.txt
@@ -285,3 +290,27 @@ def test_three_shards_cover_every_image_exactly_once(sam, image_folder, tmp_path
     everything = sorted(name for names in per_shard for name in names)
     assert everything == sorted([*READABLE, "broken.jpg"])  # each once, none missing
     assert [image.file_name for image in stores[2].images] == READABLE
+
+
+def test_a_version_one_sam_store_is_rewritten_by_a_rerun(sam, image_folder, tmp_path):
+    out = tmp_path / "store"
+    first, _ = run(sam, image_folder, out)
+    expected = coco_text(out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    old = {k: manifest[k] for k in ("format", "source", "images_root", "settings")}
+    (out / "manifest.json").write_text(json.dumps({**old, "version": 1}))
+    (out / "objects.json").write_text("{}")
+    shutil.rmtree(out / "shards")
+    second, report = run(sam, image_folder, out)
+    assert report.n_resumed == 3 and not (out / "objects.json").exists()  # broken.jpg retried
+    assert coco_text(out) == expected
+
+
+def test_rewriting_a_store_leaves_only_its_own_shards(tmp_path):
+    images = [ImageRecord(1, "a.png", 4, 4)]
+    write_store(tmp_path / "s", images, [], shard_images=1)
+    first = {p.name for p in (tmp_path / "s" / "shards").iterdir()}
+    store = write_store(tmp_path / "s", images, [], shard_images=1)
+    second = {p.name for p in (tmp_path / "s" / "shards").iterdir()}
+    assert len(first) == len(second) == 1 and first != second
+    assert list(store.images) == images

@@ -334,7 +334,9 @@ def generate_sam_masks(
             "generator_kwargs": generator_kwargs,
             "max_masks": max_masks,
             "min_area": min_area,
-            "encoder_dtype": "bfloat16" if generator.bf16 else "float32",
+            # Only when it differs from the fp32 of runs made before bf16 existed, so their
+            # journals and stores still resume.
+            **({"encoder_dtype": "bfloat16"} if generator.bf16 else {}),
         }
     )
     header = {

@@ -453,8 +453,9 @@ class StoreWriter:
         self._reset()
 
     def close(self, skipped: Sequence[str] = ()) -> MaskStore:
-        """Write the last shard and the manifest; remove shards of earlier writes."""
+        """Write the last shard and the manifest; remove the shards of the store replaced."""
         self._flush()
+        previous = _manifest_shards(self.path / "manifest.json")
         manifest = {
             "format": STORE_FORMAT,
             "version": STORE_VERSION,
@@ -471,14 +472,23 @@ class StoreWriter:
             handle.writelines(f"{line}\n" for line in skipped)
         with atomic_write(self.path / "manifest.json", "w", encoding="utf-8") as handle:
             json.dump(manifest, handle)
+        # Only the shards the replaced manifest named are removed: a concurrent writer's
+        # shards (two SAM processes finishing together) are in no manifest until it
+        # closes, so they are never deleted under it (at worst one copy stays behind).
         current = {s["name"] for s in self._shards}
-        for old in (self.path / SHARD_DIR).iterdir():
-            if old.name not in current and not old.name.endswith(f".{os.getpid()}.tmp"):
-                if old.name.startswith(".") and old.name.endswith(".tmp"):
-                    continue  # another process's shard in flight
-                shutil.rmtree(old, ignore_errors=True)
+        for name in previous - current:
+            shutil.rmtree(self.path / SHARD_DIR / name, ignore_errors=True)
         (self.path / "objects.json").unlink(missing_ok=True)  # a version-1 store's data
         return MaskStore(self.path)
+
+
+def _manifest_shards(file: Path) -> set[str]:
+    """Shard names an existing manifest refers to (none when absent or unreadable)."""
+    try:
+        manifest = json.loads(file.read_text(encoding="utf-8"))
+        return {str(shard["name"]) for shard in manifest.get("shards", [])}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return set()
 
 
 def _ends(lengths: list[int]) -> np.ndarray:
