@@ -40,7 +40,7 @@ KEEP_ALL = {"pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}
 
 @pytest.mark.parametrize(
     "settings",
-    [{"points_per_side": 8, **KEEP_ALL}, {"points_per_side": 4, "crop_n_layers": 1, **KEEP_ALL}],
+    [{"points_per_side": 6, **KEEP_ALL}, {"points_per_side": 4, "crop_n_layers": 1, **KEEP_ALL}],
 )
 def test_batched_masks_equal_the_plain_generator(sam, settings):
     plain = SamAutomaticMaskGenerator(sam, output_mode="coco_rle", **settings)

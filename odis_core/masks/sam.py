@@ -8,7 +8,9 @@ journal holds yet; a run with other settings refuses to touch OUT. With `shard=(
 process segments every n-th image from the i-th, so n processes (or machines sharing OUT)
 split one folder. Whichever call finds every image journaled writes the store; until
 then OUT has no manifest, so nobody reads a partial store. The journal can be deleted once
-the store is complete.
+the store is complete. Journals are indexed line by line (file, offset, mask count) and the
+final merge reads one image's line at a time into a sharded store, so neither a resume nor
+the merge holds a million images' masks in memory.
 """
 
 from __future__ import annotations
@@ -126,47 +128,72 @@ def _differing(found: Any, wanted: dict[str, Any]) -> list[str]:
     return sorted(key for key in set(found) | set(wanted) if found.get(key) != wanted.get(key))
 
 
-def _read_journal(path: Path, header: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Entries by file name of one journal; refuses a journal made with other settings."""
-    entries: dict[str, dict[str, Any]] = {}
-    with open(path, encoding="utf-8") as handle:
-        lines = handle.read().split("\n")
-    try:
-        found = json.loads(lines[0])
-    except json.JSONDecodeError:
-        found = None
-    if not isinstance(found, dict) or found.get("format") != JOURNAL_FORMAT:
-        raise SamError(f"{path}: not an odis SAM journal; delete it or write elsewhere")
-    if found != header:
-        differing = _differing(found.get("settings"), header["settings"])
-        if found.get("images_root") != header["images_root"]:
-            differing.append("images_root")
-        raise SamError(
-            f"{path}: an earlier run with other settings ({', '.join(differing)}); "
-            "write to another directory or delete this journal"
-        )
-    for line in lines[1:]:
+@dataclass(frozen=True)
+class _JournalRef:
+    """Where one image's journal line is, and what the report needs from it: a million
+    images' masks are never held in memory at once, only these (about 100 bytes each)."""
+
+    path: Path
+    offset: int
+    length: int
+    n_masks: int
+    skipped: str | None  # the reason, for an unreadable image
+
+    def read(self) -> dict[str, Any]:
+        with open(self.path, "rb") as handle:
+            handle.seek(self.offset)
+            return json.loads(handle.read(self.length))
+
+
+def _ref(path: Path, offset: int, line: bytes, entry: dict[str, Any]) -> _JournalRef:
+    skipped = entry.get("skipped")
+    n_masks = 0 if skipped is not None else len(entry["masks"])
+    return _JournalRef(path, offset, len(line), n_masks, skipped)
+
+
+def _read_journal(path: Path, header: dict[str, Any]) -> dict[str, _JournalRef]:
+    """Line references by file name of one journal, streamed line by line; refuses a
+    journal made with other settings."""
+    refs: dict[str, _JournalRef] = {}
+    with open(path, "rb") as handle:
         try:
-            entry = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut short by a killed run: that image is segmented again
-        if isinstance(entry, dict) and "file_name" in entry:
-            entries[entry["file_name"]] = entry
-    return entries
+            found = json.loads(handle.readline())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            found = None
+        if not isinstance(found, dict) or found.get("format") != JOURNAL_FORMAT:
+            raise SamError(f"{path}: not an odis SAM journal; delete it or write elsewhere")
+        if found != header:
+            differing = _differing(found.get("settings"), header["settings"])
+            if found.get("images_root") != header["images_root"]:
+                differing.append("images_root")
+            raise SamError(
+                f"{path}: an earlier run with other settings ({', '.join(differing)}); "
+                "write to another directory or delete this journal"
+            )
+        offset = handle.tell()
+        for line in handle:
+            try:
+                entry = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                entry = None  # a line cut short by a killed run: that image is segmented again
+            if isinstance(entry, dict) and "file_name" in entry:
+                refs[entry["file_name"]] = _ref(path, offset, line, entry)
+            offset += len(line)
+    return refs
 
 
-def _journaled(out: Path, header: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def _journaled(out: Path, header: dict[str, Any]) -> dict[str, _JournalRef]:
     """Entries of every shard's journal; a segmented result beats a skip of the same file."""
-    merged: dict[str, dict[str, Any]] = {}
+    merged: dict[str, _JournalRef] = {}
     for path in sorted((out / JOURNAL_DIR).glob("shard-*.jsonl")):
-        for name, entry in _read_journal(path, header).items():
-            if name not in merged or "skipped" in merged[name]:
-                merged[name] = entry
+        for name, ref in _read_journal(path, header).items():
+            if name not in merged or merged[name].skipped is not None:
+                merged[name] = ref
     return merged
 
 
 @contextmanager
-def _journal_writer(path: Path, header: dict[str, Any]) -> Iterator[IO[str]]:
+def _journal_writer(path: Path, header: dict[str, Any]) -> Iterator[IO[bytes]]:
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists():
         # Drop a last line cut short by a killed run, so the next entry starts on its own line.
@@ -177,7 +204,7 @@ def _journal_writer(path: Path, header: dict[str, Any]) -> Iterator[IO[str]]:
                 handle.truncate(cut)
     else:
         path.write_text(json.dumps(header) + "\n", encoding="utf-8")
-    with open(path, "a", encoding="utf-8") as handle:
+    with open(path, "ab") as handle:
         yield handle
 
 
@@ -251,7 +278,7 @@ def _segment_batch(
 
 
 def _write_store(
-    out: Path, names: list[str], entries: dict[str, dict[str, Any]], images_root: Path,
+    out: Path, names: list[str], entries: dict[str, _JournalRef], images_root: Path,
     settings: dict[str, Any],
 ) -> MaskStore:
     """The merge/index step: images in sorted file order (id = position + 1), objects best
@@ -260,10 +287,10 @@ def _write_store(
     skipped: list[str] = []
     next_object_id = 1
     for position, name in enumerate(names):
-        entry = entries[name]
-        if "skipped" in entry:
-            skipped.append(f"{name}: {entry['skipped']}")
+        if entries[name].skipped is not None:
+            skipped.append(f"{name}: {entries[name].skipped}")
             continue
+        entry = entries[name].read()  # one image's masks in memory at a time
         image_id = position + 1
         objects = []
         for mask in entry["masks"]:
@@ -348,7 +375,7 @@ def generate_sam_masks(
     _refuse_other_store(out, settings)
     mine = names[shard_index::shard_count]
     # Unreadable images are tried again: the user may have replaced them since.
-    todo = [name for name in mine if name not in journaled or "skipped" in journaled[name]]
+    todo = [name for name in mine if name not in journaled or journaled[name].skipped is not None]
     n_resumed = len(mine) - len(todo)
 
     journal_path = out / JOURNAL_DIR / f"shard-{shard_index}-of-{shard_count}.jsonl"
@@ -358,14 +385,15 @@ def generate_sam_masks(
     with _journal_writer(journal_path, header) as journal:
         for loaded in _loaded_batches(images_root, todo, batch_size):
             for entry in _segment_batch(generator, loaded, max_masks, min_area):
-                journal.write(json.dumps(entry) + "\n")
-                journaled[entry["file_name"]] = entry
+                line = (json.dumps(entry) + "\n").encode("utf-8")
+                journaled[entry["file_name"]] = _ref(journal_path, journal.tell(), line, entry)
+                journal.write(line)
                 done += 1
             journal.flush()  # a killed run loses at most the batch in flight
             if progress is not None:
                 progress(done, len(mine))
 
-    report = _report([journaled[name] for name in mine], n_resumed)
+    report = _report([(name, journaled[name]) for name in mine], n_resumed)
     entries = _journaled(out, header)  # other shards may have finished meanwhile
     entries.update({name: journaled[name] for name in mine})
     if any(name not in entries for name in names):
@@ -374,13 +402,11 @@ def generate_sam_masks(
     return _write_store(out, names, entries, images_root, settings), report
 
 
-def _report(entries: list[dict[str, Any]], n_resumed: int) -> SamReport:
-    segmented = [entry for entry in entries if "skipped" not in entry]
-    skipped = [f"{entry['file_name']}: {entry['skipped']}" for entry in entries
-               if "skipped" in entry]
+def _report(refs: list[tuple[str, _JournalRef]], n_resumed: int) -> SamReport:
+    skipped = [f"{name}: {ref.skipped}" for name, ref in refs if ref.skipped is not None]
     return SamReport(
-        n_images=len(segmented),
-        n_objects=sum(len(entry["masks"]) for entry in segmented),
+        n_images=len(refs) - len(skipped),
+        n_objects=sum(ref.n_masks for _, ref in refs),
         n_skipped=len(skipped),
         skipped=skipped,
         n_resumed=n_resumed,
