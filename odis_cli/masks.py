@@ -36,13 +36,15 @@ def coco(
     ] = None,
 ) -> None:
     """Import ground-truth objects (polygons, RLE, boxes) from a COCO instances file."""
-    from odis_core.masks.coco import import_coco
+    from odis_core.masks.coco import import_coco, load_coco
 
-    with cli_errors(), progress_callback("importing objects") as progress:
-        store, report = import_coco(
-            annotations, out, images_root=images, min_area=min_area,
-            max_objects_per_image=max_objects, progress=progress,
-        )
+    with cli_errors():
+        loaded = load_coco(annotations)  # the whole file is validated before any work
+        with progress_callback("importing objects") as progress:
+            store, report = import_coco(
+                annotations, out, images_root=images, min_area=min_area,
+                max_objects_per_image=max_objects, progress=progress, loaded=loaded,
+            )
     console.print(_summary_table(f"mask store {out}", vars(report)))
 
 

@@ -277,6 +277,7 @@ def import_coco(
     min_area: float = 0.0,
     max_objects_per_image: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    loaded: tuple[COCO, dict[int, str]] | None = None,
 ) -> tuple[MaskStore, CocoImportReport]:
     """Write the objects of the COCO instances file `annotations` as a mask store at `out`.
 
@@ -285,6 +286,7 @@ def import_coco(
     `max_objects_per_image` keeps the largest objects of each image. Every image of the file
     is in the store, also those left without objects. `progress(done, total)` is called
     per image. Raises `CocoFormatError` before writing anything if the file is unusable.
+    `loaded`: what `load_coco(annotations)` returned, when the caller validated it first.
     """
     if min_area < 0:
         raise ValueError(f"min_area must be >= 0, got {min_area}")
@@ -292,7 +294,7 @@ def import_coco(
         raise ValueError(f"max_objects_per_image must be >= 1, got {max_objects_per_image}")
     if images_root is not None and not Path(images_root).is_dir():
         raise FileNotFoundError(f"{images_root}: not a directory")
-    coco, categories = load_coco(Path(annotations))
+    coco, categories = loaded if loaded is not None else load_coco(Path(annotations))
     settings = {
         "annotations": str(Path(annotations).resolve()),
         "min_area": min_area,
