@@ -63,6 +63,27 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+# EXIF orientation -> the PIL transpose that shows the image upright (as exif_transpose).
+EXIF_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def exif_orientation(path: Path | str) -> int:
+    """The EXIF orientation tag of `path` (1, upright, when absent or unreadable)."""
+    try:
+        with Image.open(path) as image:
+            return int(image.getexif().get(_EXIF_ORIENTATION, 1))
+    except Exception:  # noqa: BLE001 (unreadable files are reported by probe/load)
+        return 1
+
+
 def probe_image(path: Path | str, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[int, int]:
     """(width, height) of `path` as `load_rgb` would return it, from the header alone
     (EXIF orientation applied); `UnreadableImageError` when it could never load. A file

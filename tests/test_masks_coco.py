@@ -272,3 +272,27 @@ def test_a_version_one_store_asks_for_a_conversion(tmp_path):
     (old / "manifest.json").write_text(json.dumps({"format": "odis-mask-store", "version": 1}))
     with pytest.raises(MaskStoreError, match="odis masks coco --annotations"):
         read_store(old)
+
+
+def test_objects_annotated_on_the_stored_frame_are_turned_upright(tmp_path, bad_image_corpus):
+    # exif_rotated.jpg is stored 64x40 and shown 40x64 (orientation 6: 90 degrees clockwise).
+    raw = np.zeros((40, 64), dtype=bool)
+    raw[2:12, 5:30] = True
+    dataset = {
+        "images": [{"id": 1, "file_name": "exif_rotated.jpg", "width": 64, "height": 40}],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 1, "segmentation": compressed_rle(raw)},
+            {"id": 2, "image_id": 1, "category_id": 1, "bbox": [40.0, 20.0, 10.0, 5.0]},
+        ],
+        "categories": [{"id": 1, "name": "thing"}],
+    }
+    path = tmp_path / "instances.json"
+    path.write_text(json.dumps(dataset))
+    store, report = import_coco(path, tmp_path / "store", images_root=bad_image_corpus.root)
+    assert report.n_exif_rotated == 1
+    image = store.image(1)
+    assert (image.width, image.height) == (40, 64)  # the size load_rgb gives
+    mask, box = store.objects_of(1)
+    np.testing.assert_array_equal(store.decode(mask, 64, 40), np.rot90(raw, k=-1))
+    # Box x 40..50, y 20..25 in the stored frame -> x 40-25..40-20, y 40..50 upright.
+    assert box.rle is None and box.bbox_xywh == (15.0, 40.0, 5.0, 10.0)

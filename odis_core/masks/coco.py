@@ -21,16 +21,19 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
+import numpy as np
+from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from odis_core.images import UnreadableImageError, probe_image
+from odis_core.images import EXIF_TRANSPOSE, UnreadableImageError, exif_orientation, probe_image
 from odis_core.masks.store import (
     UNKNOWN_CATEGORY,
     ImageRecord,
     MaskStore,
     ObjectRecord,
     StoreWriter,
+    object_from_mask,
 )
 
 # A polygon needs three (x, y) vertices to enclose any pixel; pycocotools would read a
@@ -53,6 +56,7 @@ class CocoImportReport:
     n_missing_images: int  # missing or unreadable under images_root (kept, listed in the
     # store's skipped.txt; training skips them when it fails to read them)
     n_over_max_dropped: int = 0  # dropped by max_objects_per_image
+    n_exif_rotated: int = 0  # images annotated in their stored frame, objects turned upright
 
 
 def _is_number(value: Any) -> bool:
@@ -270,6 +274,29 @@ def _to_object(coco: COCO, ann: dict[str, Any]) -> ObjectRecord:
     )
 
 
+_TRANSPOSING = (5, 6, 7, 8)  # orientations that swap width and height
+
+
+def _to_upright(
+    record: ImageRecord, objects: list[ObjectRecord], orientation: int
+) -> tuple[ImageRecord, list[ObjectRecord]]:
+    """The image record and its objects in the upright frame `load_rgb` shows. Only
+    orientations that swap width and height are recognised (the annotated size is the
+    evidence); a box-only object becomes the box around its turned box."""
+    turned = []
+    for obj in objects:
+        mask = MaskStore.decode(obj, record.height, record.width)
+        upright = np.asarray(
+            Image.fromarray(mask).transpose(EXIF_TRANSPOSE[orientation]), dtype=bool
+        )
+        new = object_from_mask(upright, obj.object_id, obj.image_id, obj.category_id, obj.score)
+        if obj.rle is None:
+            new = ObjectRecord(new.object_id, new.image_id, new.category_id, new.bbox_xywh,
+                               new.area, None, new.score)
+        turned.append(new)
+    return ImageRecord(record.image_id, record.file_name, record.height, record.width), turned
+
+
 def import_coco(
     annotations: Path,
     out: Path,
@@ -304,14 +331,18 @@ def import_coco(
         out, categories, source="coco", images_root=images_root, settings=settings
     )
     counts = dict.fromkeys(
-        ("crowd", "small", "over_max", "missing", "empty_images", "objects", "boxes_only"), 0
+        ("crowd", "small", "over_max", "missing", "empty_images", "objects", "boxes_only",
+         "exif_rotated"), 0
     )
     missing: list[str] = []
     n_images = len(coco.dataset["images"])
     for done, image in enumerate(coco.dataset["images"], start=1):
+        orientation = 1
         if images_root is not None:
             try:  # the header only: a million-image import must not decode every file
-                probe_image(Path(images_root) / image["file_name"])
+                upright = probe_image(Path(images_root) / image["file_name"])
+                if upright == (image["height"], image["width"]) != upright[::-1]:
+                    orientation = exif_orientation(Path(images_root) / image["file_name"])
             except UnreadableImageError as error:
                 missing.append(f"{image['file_name']}: {error.reason}")
         kept = []
@@ -329,12 +360,16 @@ def import_coco(
             chosen = set(largest[:max_objects_per_image])
             counts["over_max"] += len(kept) - len(chosen)
             kept = [obj for i, obj in enumerate(kept) if i in chosen]  # source order
+        record = ImageRecord(image["id"], image["file_name"], image["width"], image["height"])
+        if orientation in _TRANSPOSING:
+            # Annotated on the file as stored, while every command reads it upright (EXIF):
+            # turn the objects the same way, so masks and crops stay aligned.
+            record, kept = _to_upright(record, kept, orientation)
+            counts["exif_rotated"] += 1
         counts["empty_images"] += not kept
         counts["objects"] += len(kept)
         counts["boxes_only"] += sum(1 for obj in kept if obj.rle is None)
-        writer.add(
-            ImageRecord(image["id"], image["file_name"], image["width"], image["height"]), kept
-        )
+        writer.add(record, kept)
         if progress is not None:
             progress(done, n_images)
     store = writer.close(skipped=missing)
@@ -347,5 +382,6 @@ def import_coco(
         n_images_without_objects=counts["empty_images"],
         n_missing_images=len(missing),
         n_over_max_dropped=counts["over_max"],
+        n_exif_rotated=counts["exif_rotated"],
     )
     return store, report
