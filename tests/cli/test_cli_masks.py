@@ -18,8 +18,16 @@ def test_a_bad_annotation_file_stops_masks_coco_with_one_line(tmp_path, bad_imag
     path.write_text(content if isinstance(content, str) else json.dumps(content))
     result = CliRunner().invoke(
         app,
-        ["masks", "coco", "--images", str(bad_image_corpus.root), "--annotations", str(path),
-         "--out", str(tmp_path / "store")],
+        [
+            "masks",
+            "coco",
+            "--images",
+            str(bad_image_corpus.root),
+            "--annotations",
+            str(path),
+            "--out",
+            str(tmp_path / "store"),
+        ],
     )
     assert result.exit_code == 1
     lines = [line for line in result.output.splitlines() if line.strip()]
