@@ -98,7 +98,7 @@ class ObjectCropDataset(torch.utils.data.Dataset):
         min_object_area: float = 0.0,
     ) -> None:
         # Objects are fetched per image in __getitem__: a store of 12 M objects is never
-        # listed up front (the store reads one image's objects in microseconds).
+        # listed up front (the store reads one image's objects in well under a millisecond).
         self.store = store
         self.images: Sequence[ImageRecord] = store.images
         self.min_object_area = min_object_area
