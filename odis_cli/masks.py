@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -73,7 +74,8 @@ def sam(
     shard: Annotated[
         str | None,
         typer.Option(help="I/N: segment every N-th image from the I-th (0-based); the last "
-                     "shard to finish writes the store."),
+                     "shard to finish writes the store. 'auto': I and N from torchrun "
+                     "(RANK/WORLD_SIZE) or a Slurm array."),
     ] = None,
     batch_size: Annotated[
         int, typer.Option(help="Images per SAM image-encoder pass (same masks, faster on GPU).")
@@ -102,7 +104,9 @@ def sam(
         if value is not None
     }
     if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        # Under torchrun each process takes its own GPU.
+        local_rank = os.environ.get("LOCAL_RANK", "0")
+        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
     shard_pair = _parse_shard(shard) if shard is not None else None
     with cli_errors():
         model = load_sam(model_type, checkpoint, device=device)
@@ -123,7 +127,27 @@ def sam(
         console.print(f"... and {report.n_skipped - 20} more (all listed in {out}/skipped.txt)")
 
 
+def _shard_from_environment() -> tuple[int, int] | None:
+    """(index, count) from torchrun (RANK, WORLD_SIZE) or a Slurm array (SLURM_ARRAY_TASK_ID
+    from SLURM_ARRAY_TASK_MIN, SLURM_ARRAY_TASK_COUNT); None outside both."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return int(env["RANK"]), int(env["WORLD_SIZE"])
+    if "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
+        first = int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
+        return int(env["SLURM_ARRAY_TASK_ID"]) - first, int(env["SLURM_ARRAY_TASK_COUNT"])
+    return None
+
+
 def _parse_shard(text: str) -> tuple[int, int]:
+    if text == "auto":
+        found = _shard_from_environment()
+        if found is None or not 0 <= found[0] < found[1]:
+            fail(
+                "--shard auto: needs RANK/WORLD_SIZE (torchrun) or SLURM_ARRAY_TASK_ID/"
+                "SLURM_ARRAY_TASK_COUNT (a Slurm array) in the environment"
+            )
+        return found  # type: ignore[return-value]
     index, _, count = text.partition("/")
     if not (index.isdigit() and count.isdigit()) or not 0 <= int(index) < int(count):
         fail(f"--shard {text}: expected I/N with 0 <= I < N, e.g. 0/4")
