@@ -10,8 +10,14 @@ from odis_core.model.obj_vit import ObjViT
 def _pair(depth: int = 2, drop_path: float = 0.0) -> tuple[ObjViT, ObjViT]:
     torch.manual_seed(0)
     split = ObjViT("vit_tiny", img_size=32, patch_size=8, drop_path_rate=drop_path, depth=depth)
-    dense = ObjViT("vit_tiny", img_size=32, patch_size=8, drop_path_rate=drop_path, depth=depth,
-                   attention_impl="dense")
+    dense = ObjViT(
+        "vit_tiny",
+        img_size=32,
+        patch_size=8,
+        drop_path_rate=drop_path,
+        depth=depth,
+        attention_impl="dense",
+    )
     dense.load_state_dict(split.state_dict())
     assert split.attention_impl == "split" and dense.attention_impl == "dense"
     return split, dense
@@ -50,8 +56,15 @@ def test_split_equals_dense_masked_reference_forward_and_backward(seed):
 
 def test_split_with_all_true_mask_equals_timm_forward_and_backward():
     split, _ = _pair()
-    reference = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0,
-                                  img_size=32, patch_size=8, depth=2, drop_path_rate=0.0)
+    reference = timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        num_classes=0,
+        img_size=32,
+        patch_size=8,
+        depth=2,
+        drop_path_rate=0.0,
+    )
     reference.load_state_dict(split.vit.state_dict())
     images = torch.randn(2, 3, 32, 32)
     weights = torch.randn(2, 17, split.embed_dim)
@@ -59,8 +72,9 @@ def test_split_with_all_true_mask_equals_timm_forward_and_backward():
     out_s, din_s, grads_s = _forward_backward(split, images, all_true, weights)
     ref_images = images.clone().requires_grad_(True)
     (reference.forward_features(ref_images) * weights).sum().backward()
-    torch.testing.assert_close(out_s, reference.forward_features(images).detach(),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        out_s, reference.forward_features(images).detach(), rtol=1e-5, atol=1e-5
+    )
     torch.testing.assert_close(din_s, ref_images.grad, rtol=1e-4, atol=1e-5)
     for name, parameter in reference.named_parameters():
         torch.testing.assert_close(grads_s[f"vit.{name}"], parameter.grad, rtol=1e-4, atol=1e-4)
@@ -69,8 +83,9 @@ def test_split_with_all_true_mask_equals_timm_forward_and_backward():
 def test_activation_checkpointing_gives_the_same_gradients():
     torch.manual_seed(0)
     plain = ObjViT("vit_tiny", img_size=32, patch_size=8, drop_path_rate=0.1, depth=2)
-    recomputed = ObjViT("vit_tiny", img_size=32, patch_size=8, drop_path_rate=0.1, depth=2,
-                        grad_checkpointing=True)
+    recomputed = ObjViT(
+        "vit_tiny", img_size=32, patch_size=8, drop_path_rate=0.1, depth=2, grad_checkpointing=True
+    )
     recomputed.load_state_dict(plain.state_dict())
     images = torch.randn(2, 3, 32, 32)
     mask = torch.rand(2, 16) > 0.5

@@ -65,7 +65,9 @@ def split_obj_attention(attn: nn.Module, x: torch.Tensor, row_mask: torch.Tensor
     dropout = attn.attn_drop.p if attn.training else 0.0
     # No mask on the N patch queries: SDPA may pick its flash kernel.
     patch_rows = F.scaled_dot_product_attention(q[:, :, 1:], k, v, dropout_p=dropout)
-    obj_row = F.scaled_dot_product_attention(q[:, :, :1], k, v, attn_mask=row_mask, dropout_p=dropout)
+    obj_row = F.scaled_dot_product_attention(
+        q[:, :, :1], k, v, attn_mask=row_mask, dropout_p=dropout
+    )
     out = torch.cat([obj_row, patch_rows], dim=2)
     out = out.transpose(1, 2).reshape(batch, n_tokens, attn.attn_dim)
     out = attn.norm(out)

@@ -65,7 +65,9 @@ class ObjViT(nn.Module):
     ) -> None:
         super().__init__()
         if attention_impl not in ATTENTION_IMPLS:
-            raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {attention_impl!r}")
+            raise ValueError(
+                f"attention_impl must be one of {ATTENTION_IMPLS}, got {attention_impl!r}"
+            )
         kwargs = dict(
             pretrained=False,
             num_classes=0,
@@ -118,15 +120,15 @@ class ObjViT(nn.Module):
         tokens = self.vit.patch_drop(tokens)
         tokens = self.vit.norm_pre(tokens)
         if obj_patch_mask is None or (
-            not force_masked_path
-            and self.attention_impl == "dense"
-            and bool(obj_patch_mask.all())
+            not force_masked_path and self.attention_impl == "dense" and bool(obj_patch_mask.all())
         ):
             # No mask: timm's blocks as they are (fused / flash attention).
             return self.vit.norm(self._run_blocks(tokens, None))
         return self.vit.norm(self._run_blocks(tokens, obj_patch_mask))
 
-    def _run_blocks(self, tokens: torch.Tensor, obj_patch_mask: torch.Tensor | None) -> torch.Tensor:
+    def _run_blocks(
+        self, tokens: torch.Tensor, obj_patch_mask: torch.Tensor | None
+    ) -> torch.Tensor:
         if obj_patch_mask is None:
             mask, forward = None, _plain_block
         elif self.attention_impl == "split":
