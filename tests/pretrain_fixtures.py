@@ -22,8 +22,9 @@ def make_store(root: Path, n_images: int = 16) -> Path:
     from odis_core.masks.coco import import_coco
     from odis_core.scenes.synthetic import SceneConfig, generate_scenes
 
-    splits = generate_scenes(root / "scenes", n_images, 1, seed=3,
-                             config=SceneConfig(image_size=32))
+    splits = generate_scenes(
+        root / "scenes", n_images, 1, seed=3, config=SceneConfig(image_size=32)
+    )
     store = root / "masks"
     import_coco(splits["train"].annotations, store, images_root=splits["train"].images_dir)
     return store
@@ -33,9 +34,19 @@ def pretrain_args(store: Path, run: Path, config_file: Path, **options) -> list[
     """`odis pretrain` arguments for a tiny CPU run; `options` override (--name value)."""
     if not config_file.exists():
         config_file.write_text(json.dumps(TINY_CONFIG))
-    values = {"arch": "vit_tiny", "patch-size": 8, "global-size": 32, "local-size": 16,
-              "n-local-crops": 2, "out-dim": 64, "batch-size": 4, "epochs": 4,
-              "workers": 0, "device": "cpu", "seed": 5}
+    values = {
+        "arch": "vit_tiny",
+        "patch-size": 8,
+        "global-size": 32,
+        "local-size": 16,
+        "n-local-crops": 2,
+        "out-dim": 64,
+        "batch-size": 4,
+        "epochs": 4,
+        "workers": 0,
+        "device": "cpu",
+        "seed": 5,
+    }
     values.update({key.replace("_", "-"): value for key, value in options.items()})
     args = ["pretrain", "--masks", str(store), "--out", str(run), "--config", str(config_file)]
     for key, value in values.items():
@@ -50,10 +61,14 @@ def load_run_state(run: Path) -> dict:
 def assert_same_training_state(a: dict, b: dict, exact: bool = True, **tolerance) -> None:
     """Student, teacher, loss centres and optimizer moments of two checkpoints agree."""
     assert a["step"] == b["step"]
-    pairs = [(f"{part}.{key}", a[part][key], b[part][key])
-             for part in ("student", "teacher", "loss") for key in a[part]]
-    for index, (sa, sb) in enumerate(zip(a["optimizer"]["state"].values(),
-                                         b["optimizer"]["state"].values(), strict=True)):
+    pairs = [
+        (f"{part}.{key}", a[part][key], b[part][key])
+        for part in ("student", "teacher", "loss")
+        for key in a[part]
+    ]
+    for index, (sa, sb) in enumerate(
+        zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True)
+    ):
         pairs += [(f"optimizer.{index}.{key}", sa[key], sb[key]) for key in sa]
     for name, x, y in pairs:
         if exact:

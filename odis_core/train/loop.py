@@ -306,6 +306,10 @@ class Trainer:
             "rng": rng,
             # Drop-path draws differ per rank: each rank's stream is kept for an exact resume.
             "rng_per_rank": distributed.gather_objects(rng),
+            # DDP keeps ranks bitwise identical; a differing fingerprint shows a rank drifted.
+            "rank_fingerprints": distributed.gather_objects(
+                [weights_fingerprint(self.student), weights_fingerprint(self.teacher)]
+            ),
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
@@ -380,6 +384,19 @@ class Trainer:
 
 def world_size() -> int:
     return distributed.world_size()
+
+
+@torch.no_grad()
+def weights_fingerprint(module: nn.Module) -> list[float]:
+    """[sum, sum of squares, index-weighted sum] of all parameters in float64: cheap on the
+    device, and any difference between two ranks' weights changes it."""
+    total, squares, weighted = 0.0, 0.0, 0.0
+    for index, parameter in enumerate(module.parameters(), start=1):
+        values = parameter.detach().double()
+        total += values.sum().item()
+        squares += values.square().sum().item()
+        weighted += index * values.sum().item()
+    return [total, squares, weighted]
 
 
 def _as_python_rng_state(state: Any) -> tuple:

@@ -59,8 +59,12 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted_run(store, tmp_path):
     killed = tmp_path / "killed"
     args = pretrain_args(store, killed, config, max_steps=steps, save_every=2, no_tensorboard=True)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen([sys.executable, "-m", "odis_cli", *args], env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "odis_cli", *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     checkpoint = killed / "checkpoint.pt"
     deadline = time.monotonic() + 120
     while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
@@ -71,16 +75,21 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted_run(store, tmp_path):
     killed_at = load_run_state(killed)["step"]
     assert 2 <= killed_at < steps, "the run must be killed mid-run, after a checkpoint"
 
-    result = _run(pretrain_args(store, killed, config, max_steps=steps, save_every=2,
-                                no_tensorboard=True, resume=True))
+    result = _run(
+        pretrain_args(
+            store, killed, config, max_steps=steps, save_every=2, no_tensorboard=True, resume=True
+        )
+    )
     assert f"resuming at step {killed_at}" in result.output
     reference = tmp_path / "reference"
-    _run(pretrain_args(store, reference, config, max_steps=steps, save_every=2,
-                       no_tensorboard=True))
+    _run(
+        pretrain_args(store, reference, config, max_steps=steps, save_every=2, no_tensorboard=True)
+    )
     assert_same_training_state(load_run_state(killed), load_run_state(reference), exact=True)
     # Steps the killed run logged after its checkpoint are replayed, not duplicated.
-    logged = [json.loads(line)["step"]
-              for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    logged = [
+        json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()
+    ]
     assert logged == list(range(1, steps + 1))
 
 
@@ -135,10 +144,19 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
 def test_collapse_warning_is_shown_and_recorded(store, tmp_path):
     config = tmp_path / "hot_teacher.json"
     # A very hot teacher makes its output uniform: the collapse signature.
-    config.write_text(json.dumps({
-        "depth": 2, "head_hidden_dim": 32, "head_bottleneck_dim": 16, "min_patches_per_block": 2,
-        "warmup_teacher_temp": 1000.0, "teacher_temp": 1000.0, "collapse_patience": 2,
-    }))
+    config.write_text(
+        json.dumps(
+            {
+                "depth": 2,
+                "head_hidden_dim": 32,
+                "head_bottleneck_dim": 16,
+                "min_patches_per_block": 2,
+                "warmup_teacher_temp": 1000.0,
+                "teacher_temp": 1000.0,
+                "collapse_patience": 2,
+            }
+        )
+    )
     run = tmp_path / "run"
     result = _run(pretrain_args(store, run, config, max_steps=4))
     assert "warning:" in result.output and "collapse" in result.output
@@ -157,8 +175,19 @@ def test_metrics_jsonl_and_tensorboard_hold_every_term(store, tmp_path):
     run = tmp_path / "run"
     _run(pretrain_args(store, run, tmp_path / "tiny.json", max_steps=3))
     record = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
-    for key in ("loss", "loss_obj", "loss_mim", "lr", "wd", "momentum", "teacher_temp",
-                "teacher_entropy", "grad_norm", "images_per_second", "data_wait_share"):
+    for key in (
+        "loss",
+        "loss_obj",
+        "loss_mim",
+        "lr",
+        "wd",
+        "momentum",
+        "teacher_temp",
+        "teacher_entropy",
+        "grad_norm",
+        "images_per_second",
+        "data_wait_share",
+    ):
         assert isinstance(record[key], float), key
     events = EventAccumulator(str(run / "tensorboard"))
     events.Reload()
@@ -190,8 +219,9 @@ def test_resume_refuses_a_foreign_checkpoint_listing_keys(store, tmp_path):
 
     import argparse
 
-    torch.save({"format": "odis-checkpoint", "args": argparse.Namespace(a=1)},
-               run / "checkpoint.pt")  # pickled objects are never unpickled
+    torch.save(
+        {"format": "odis-checkpoint", "args": argparse.Namespace(a=1)}, run / "checkpoint.pt"
+    )  # pickled objects are never unpickled
     line = _one_line_error(_run(args, expect_ok=False))
     assert "cannot load checkpoint" in line
 
@@ -207,16 +237,16 @@ def test_disk_full_gives_one_line_and_keeps_the_previous_checkpoint(store, tmp_p
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(checkpoint_module.torch, "save", save_until_the_disk_is_full)
-    args = pretrain_args(store, run, tmp_path / "tiny.json", max_steps=4, save_every=1,
-                         resume=True)
+    args = pretrain_args(store, run, tmp_path / "tiny.json", max_steps=4, save_every=1, resume=True)
     line = _one_line_error(_run(args, expect_ok=False))
     assert "No space left on device" in line and "previous checkpoint is intact" in line
     assert (run / "checkpoint.pt").read_bytes() == before
     assert not list(run.glob("*.tmp"))
 
 
-@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0,
-                    reason="root ignores directory permissions")
+@pytest.mark.skipif(
+    os.name != "posix" or os.geteuid() == 0, reason="root ignores directory permissions"
+)
 def test_read_only_run_directory_gives_one_line_and_keeps_the_checkpoint(store, tmp_path):
     run = _first_checkpoint(store, tmp_path)
     before = (run / "checkpoint.pt").read_bytes()
