@@ -359,7 +359,8 @@ class Trainer:
                 student_obj, student_local_obj, student_patch, teacher_obj, teacher_patch,
                 batch.mim_masks, epoch,
             )
-        total = terms.total.item()
+        values = terms.as_floats()  # the step's one device-to-host sync before backward
+        total = values["loss"]
         if not distributed.all_true(math.isfinite(total), self.device):
             raise NonFiniteLossError(f"loss is {total} at step {step + 1}", step + 1)
         self.optimizer.zero_grad(set_to_none=True)
@@ -372,8 +373,7 @@ class Trainer:
         self.step += 1
         temp, _ = self.loss.teacher_temperatures(epoch)
         return {
-            **terms.as_floats(),
-            "teacher_entropy": terms.teacher_entropy,
+            **values,
             "lr": float(self.lr_schedule[step]),
             "wd": float(self.wd_schedule[step]),
             "momentum": momentum,
