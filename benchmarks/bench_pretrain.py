@@ -182,7 +182,11 @@ def time_step(step: Callable[[], None], device: str, warmup: int, steps: int) ->
 
 def attention_timings(config: PretrainConfig, device: str, batch: int, steps: int) -> list:
     """Forward + backward of attention alone at the model's global-crop shape."""
-    from odis_core.model.obj_attention import obj_attention_mask, obj_row_mask
+    from odis_core.model.obj_attention import (
+        obj_attention_mask,
+        obj_row_attention,
+        obj_row_mask,
+    )
     from odis_core.model.obj_vit import ObjViT
 
     probe = ObjViT(
@@ -209,16 +213,22 @@ def attention_timings(config: PretrainConfig, device: str, batch: int, steps: in
     def dense():
         return F.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask)
 
-    def split():
+    def split_sdpa_row():
         rows = F.scaled_dot_product_attention(q[:, :, 1:], k, v)
         obj = F.scaled_dot_product_attention(q[:, :, :1], k, v, attn_mask=row_mask)
+        return torch.cat([obj, rows], dim=2)
+
+    def split():  # the default path of odis_core.model.obj_attention
+        rows = F.scaled_dot_product_attention(q[:, :, 1:], k, v)
+        obj = obj_row_attention(q[:, :, :1], k, v, row_mask, head_dim**-0.5)
         return torch.cat([obj, rows], dim=2)
 
     results = []
     for name, fn in (
         ("unmasked SDPA", unmasked),
         ("dense (B,1,N,N) mask", dense),
-        ("split: unmasked rows + [OBJ] row", split),
+        ("split, [OBJ] row by a 2nd SDPA", split_sdpa_row),
+        ("split, [OBJ] row written out (default)", split),
     ):
         grad = torch.randn(batch, heads, 1 + n, head_dim, device=device, dtype=dtype)
         for _ in range(3):

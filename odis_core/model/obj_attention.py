@@ -3,8 +3,15 @@
 Only row 0 (the [OBJ] query) of each block's attention is masked; rows 1.. attend to every
 key. A dense (B, 1, 1 + N, 1 + N) boolean mask makes SDPA give up its flash kernel for all
 1 + N rows (about 1.7x the attention time on an H100, issue 5). The split path instead runs
-unmasked SDPA for the N patch queries (flash on GPU) and a one-query masked SDPA for the
-[OBJ] row, then concatenates: the same numbers, and near the unmasked cost.
+unmasked SDPA for the N patch queries (flash on GPU) and computes the [OBJ] row with two
+small batched matrix-vector products and a masked softmax, then concatenates: the same
+numbers. The [OBJ] row is written out rather than given to a second SDPA call because
+fused kernels tile queries in blocks of 64-128 rows: a one-row query would cost a whole
+tile per (image, head), a sizeable share of the full attention again (issue 5 measured
+"flash + separate masked [OBJ] attention" at 1.08 ms against 0.55 ms unmasked). Written
+out, the row reads K and V once more and adds a rank-1 term to their gradients:
+memory-bound work of a few percent of the attention (GPU figure pending, see
+docs/benchmarks.md).
 
 Both paths reuse the timm block's own modules (norms, qkv, projections, layer scale,
 drop-path), so the weights and key names stay timm's.
@@ -65,13 +72,28 @@ def split_obj_attention(attn: nn.Module, x: torch.Tensor, row_mask: torch.Tensor
     dropout = attn.attn_drop.p if attn.training else 0.0
     # No mask on the N patch queries: SDPA may pick its flash kernel.
     patch_rows = F.scaled_dot_product_attention(q[:, :, 1:], k, v, dropout_p=dropout)
-    obj_row = F.scaled_dot_product_attention(
-        q[:, :, :1], k, v, attn_mask=row_mask, dropout_p=dropout
-    )
+    obj_row = obj_row_attention(q[:, :, :1], k, v, row_mask, attn.scale, dropout)
     out = torch.cat([obj_row, patch_rows], dim=2)
     out = out.transpose(1, 2).reshape(batch, n_tokens, attn.attn_dim)
     out = attn.norm(out)
     return attn.proj_drop(attn.proj(out))
+
+
+def obj_row_attention(
+    q_obj: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    row_mask: torch.Tensor,
+    scale: float,
+    dropout: float = 0.0,
+) -> torch.Tensor:
+    """The [OBJ] query's attention, written out: q_obj (B, H, 1, d), k and v (B, H, 1 + N, d),
+    row_mask (B, 1, 1, 1 + N) bool -> (B, H, 1, d). Softmax in float32 (bf16 logits would
+    lose the small weights)."""
+    logits = torch.matmul(q_obj * scale, k.transpose(-2, -1)).float()
+    logits = logits.masked_fill(~row_mask, float("-inf"))
+    weights = F.dropout(logits.softmax(dim=-1), p=dropout).to(v.dtype)
+    return torch.matmul(weights, v)
 
 
 def split_block_forward(block: nn.Module, x: torch.Tensor, row_mask: torch.Tensor) -> torch.Tensor:
