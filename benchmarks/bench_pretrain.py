@@ -180,8 +180,11 @@ def time_step(step: Callable[[], None], device: str, warmup: int, steps: int) ->
     }
 
 
-def attention_timings(config: PretrainConfig, device: str, batch: int, steps: int) -> list:
-    """Forward + backward of attention alone at the model's global-crop shape."""
+def attention_timings(
+    config: PretrainConfig, device: str, batch: int, steps: int, rounds: int = 1
+) -> tuple[list, tuple]:
+    """Forward + backward of attention alone at the model's global-crop shape; the median
+    over `rounds` interleaved rounds of all kernels."""
     from odis_core.model.obj_attention import (
         obj_attention_mask,
         obj_row_attention,
@@ -223,22 +226,25 @@ def attention_timings(config: PretrainConfig, device: str, batch: int, steps: in
         obj = obj_row_attention(q[:, :, :1], k, v, row_mask, head_dim**-0.5)
         return torch.cat([obj, rows], dim=2)
 
-    results = []
-    for name, fn in (
+    kernels = (
         ("unmasked SDPA", unmasked),
         ("dense (B,1,N,N) mask", dense),
         ("split, [OBJ] row by a 2nd SDPA", split_sdpa_row),
         ("split, [OBJ] row written out (default)", split),
-    ):
-        grad = torch.randn(batch, heads, 1 + n, head_dim, device=device, dtype=dtype)
-        for _ in range(3):
-            fn().backward(grad)
-        sync(device)
-        started = time.perf_counter()
-        for _ in range(steps):
-            fn().backward(grad)
-        sync(device)
-        results.append((name, 1000 * (time.perf_counter() - started) / steps))
+    )
+    grad = torch.randn(batch, heads, 1 + n, head_dim, device=device, dtype=dtype)
+    timings: dict[str, list[float]] = {name: [] for name, _ in kernels}
+    for _ in range(rounds):
+        for name, fn in kernels:
+            for _ in range(3):
+                fn().backward(grad)
+            sync(device)
+            started = time.perf_counter()
+            for _ in range(steps):
+                fn().backward(grad)
+            sync(device)
+            timings[name].append(1000 * (time.perf_counter() - started) / steps)
+    results = [(name, sorted(ms)[len(ms) // 2]) for name, ms in timings.items()]
     return [(name, ms, ms / results[0][1]) for name, ms in results], (batch, heads, 1 + n, head_dim)
 
 
@@ -285,25 +291,29 @@ def main() -> None:
     parser.add_argument("--local-size", type=int, default=96)
     parser.add_argument("--n-local-crops", type=int, default=10)
     parser.add_argument("--out-dim", type=int, default=8192)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (20; --quick 3)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps (5; --quick 1)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--compile", action="store_true", help="torch.compile every step")
     parser.add_argument("--grad-checkpointing", action="store_true")
     parser.add_argument("--data", action="store_true", help="also time the real data loader")
     parser.add_argument("--workers", type=int, default=16)
-    parser.add_argument("--attn-batch", type=int, default=256)
+    parser.add_argument("--attn-batch", type=int, default=None, help="256; --quick 8")
     parser.add_argument("--peak-tflops", type=float, default=None)
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--rounds", type=int, default=1, help="repeat all variants; median")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quick:
         args.arch, args.depth, args.batch_size = "vit_small", 2, 4
         args.global_size, args.local_size, args.n_local_crops = 64, 32, 4
-        args.out_dim, args.steps, args.warmup, args.attn_batch = 1024, 3, 1, 8
-        args.workers = min(args.workers, 0)
+        args.out_dim, args.workers = 1024, 0
+    quick_or_full = {"steps": (3, 20), "warmup": (1, 5), "attn_batch": (8, 256)}
+    for name, (quick, full) in quick_or_full.items():
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else full)
     config = PretrainConfig(
         arch=args.arch,
         depth=args.depth,
@@ -335,23 +345,30 @@ def main() -> None:
         ),
         "plain timm": lambda: plain_timm_step(config, device),
     }
+    # Rounds of all variants, median per variant: on a shared machine a slow spell then
+    # hits every variant alike instead of whichever ran during it.
+    runs: dict[str, list[dict]] = {name: [] for name in variants}
+    for _ in range(args.rounds):
+        for name, build in variants.items():
+            step = build()
+            if args.compile and name == "plain timm":
+                step = torch.compile(step)
+            runs[name].append(time_step(step, device, args.warmup, args.steps))
+            del step
+            if device.startswith("cuda"):
+                torch.cuda.empty_cache()
     rows = {}
-    for name, build in variants.items():
-        step = build()
-        if args.compile and name == "plain timm":
-            step = torch.compile(step)
-        rows[name] = time_step(step, device, args.warmup, args.steps)
+    for name, measured in runs.items():
+        rows[name] = sorted(measured, key=lambda row: row["step_ms"])[len(measured) // 2]
         rows[name]["img_s"] = images_per_step / (rows[name]["step_ms"] / 1000)
-        del step
-        if device.startswith("cuda"):
-            torch.cuda.empty_cache()
+        rows[name]["step_ms_all_rounds"] = [round(row["step_ms"], 2) for row in measured]
 
     table = Table(
         title=f"pretrain step, {args.arch}"
         + (f" depth {args.depth}" if args.depth else "")
         + f", batch {args.batch_size}, 2x{args.global_size} + "
         f"{args.n_local_crops}x{args.local_size}, out_dim {args.out_dim}, "
-        f"{device_name}{', compiled' if args.compile else ''}"
+        f"{device_name}{', compiled' if args.compile else ''}, median of {args.rounds} round(s)"
     )
     for column in (
         "step",
@@ -384,7 +401,9 @@ def main() -> None:
             "(--peak-tflops)."
         )
 
-    attention, shape = attention_timings(config, device, args.attn_batch, max(args.steps, 5))
+    attention, shape = attention_timings(
+        config, device, args.attn_batch, max(args.steps, 5), args.rounds
+    )
     attn_table = Table(title=f"attention fwd+bwd, (B, H, N, d) = {shape}, {device_name}")
     for column in ("kernel", "ms", "vs unmasked"):
         attn_table.add_column(column, justify="left" if column == "kernel" else "right")
