@@ -217,22 +217,25 @@ def attention_timings(
         return F.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask)
 
     def split_sdpa_row():
-        rows = F.scaled_dot_product_attention(q[:, :, 1:], k, v)
+        rows = F.scaled_dot_product_attention(q, k, v)
         obj = F.scaled_dot_product_attention(q[:, :, :1], k, v, attn_mask=row_mask)
-        return torch.cat([obj, rows], dim=2)
+        return torch.cat([obj.transpose(1, 2), rows.transpose(1, 2)[:, 1:]], dim=1)
+
+    def reshaped(fn):  # every variant ends in the (B, T, H, d) layout timm reshapes from
+        return lambda: fn().transpose(1, 2).contiguous()
 
     def split():  # the default path of odis_core.model.obj_attention
-        rows = F.scaled_dot_product_attention(q[:, :, 1:], k, v)
+        rows = F.scaled_dot_product_attention(q, k, v)
         obj = obj_row_attention(q[:, :, :1], k, v, row_mask, head_dim**-0.5)
-        return torch.cat([obj, rows], dim=2)
+        return torch.cat([obj.transpose(1, 2), rows.transpose(1, 2)[:, 1:]], dim=1)
 
     kernels = (
-        ("unmasked SDPA", unmasked),
-        ("dense (B,1,N,N) mask", dense),
+        ("unmasked SDPA", reshaped(unmasked)),
+        ("dense (B,1,N,N) mask", reshaped(dense)),
         ("split, [OBJ] row by a 2nd SDPA", split_sdpa_row),
         ("split, [OBJ] row written out (default)", split),
     )
-    grad = torch.randn(batch, heads, 1 + n, head_dim, device=device, dtype=dtype)
+    grad = torch.randn(batch, 1 + n, heads, head_dim, device=device, dtype=dtype)  # (B, T, H, d)
     timings: dict[str, list[float]] = {name: [] for name, _ in kernels}
     for _ in range(rounds):
         for name, fn in kernels:
@@ -275,10 +278,35 @@ def data_pipeline(config: PretrainConfig, device: str, steps: int, workers: int)
             warmup_epochs=0,
             tensorboard=False,
         )
+        report: dict = {}
         for event in pretrain(run_config, splits["train"].images_dir, store, Path(tmp) / "run"):
             if isinstance(event, RunFinished):
-                return event.report
-    return {}
+                report = dict(event.report)
+        report["loader_only_images_per_second"] = loader_throughput(
+            run_config, splits["train"].images_dir, store, workers
+        )
+        return report
+
+
+def loader_throughput(config: PretrainConfig, images_root: Path, store, workers: int) -> float:
+    """Images/s of the loader alone (decode, object-aware crops, photometric, MIM masks,
+    collate), no model: what the CPU side can feed with `workers` processes."""
+    from torch.utils.data import DataLoader
+
+    from odis_core.crops.dataset import collate_crops
+    from odis_core.train.loop import make_dataset
+
+    dataset = make_dataset(config.resolved(), store, images_root)
+    loader = DataLoader(
+        dataset, batch_size=config.batch_size, num_workers=workers, collate_fn=collate_crops
+    )
+    iterator = iter(loader)
+    next(iterator)  # worker start-up is not throughput
+    started, images = time.perf_counter(), 0
+    for batch in iterator:
+        images += len(batch)
+    seconds = time.perf_counter() - started
+    return images / seconds if seconds > 0 and images else float("nan")
 
 
 def main() -> None:
@@ -336,7 +364,9 @@ def main() -> None:
     images_per_step = args.batch_size
 
     variants = {
-        "odis (split attn)": lambda: trainer_step(config, device, args.steps),
+        "odis (split attn)": lambda: trainer_step(
+            dataclasses.replace(config, attention_impl="split"), device, args.steps
+        ),
         "odis (dense mask)": lambda: trainer_step(
             dataclasses.replace(config, attention_impl="dense"), device, args.steps
         ),
@@ -421,11 +451,12 @@ def main() -> None:
         data = data_pipeline(config, device, args.steps, args.workers)
         report["data"] = data
         data_table = Table(title=f"real data pipeline, {args.workers} workers, {device_name}")
-        for column in ("img/s", "data wait share", "crop fallbacks", "steps"):
+        for column in ("img/s", "data wait share", "loader alone img/s", "crop fallbacks", "steps"):
             data_table.add_column(column, justify="right")
         data_table.add_row(
             f"{data['images_per_second']:.1f}",
             f"{100 * data['data_wait_share']:.1f} %",
+            f"{data['loader_only_images_per_second']:.1f}",
             str(data["crop_fallbacks"]),
             str(data["steps"]),
         )

@@ -155,8 +155,8 @@ def pretrain(
     attention_impl: Annotated[
         str | None,
         typer.Option(
-            help="split (flash for patch rows, a one-row masked [OBJ] attention) or dense "
-            f"(one SDPA with a full mask){_default('attention_impl')}."
+            help="split (unmasked flash attention + the masked [OBJ] row apart), dense (one "
+            f"SDPA with a full mask) or auto (split on GPU){_default('attention_impl')}."
         ),
     ] = None,
     grad_checkpointing: Annotated[

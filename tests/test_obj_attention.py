@@ -9,7 +9,14 @@ from odis_core.model.obj_vit import ObjViT
 
 def _pair(depth: int = 2, drop_path: float = 0.0) -> tuple[ObjViT, ObjViT]:
     torch.manual_seed(0)
-    split = ObjViT("vit_tiny", img_size=32, patch_size=8, drop_path_rate=drop_path, depth=depth)
+    split = ObjViT(
+        "vit_tiny",
+        img_size=32,
+        patch_size=8,
+        drop_path_rate=drop_path,
+        depth=depth,
+        attention_impl="split",
+    )
     dense = ObjViT(
         "vit_tiny",
         img_size=32,
@@ -96,3 +103,11 @@ def test_activation_checkpointing_gives_the_same_gradients():
         results.append(_forward_backward(model.train(), images, mask, weights))
     for a, b in zip(results[0][2].values(), results[1][2].values(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_auto_picks_split_on_gpu_and_dense_on_cpu():
+    model = ObjViT("vit_tiny", img_size=32, patch_size=8, depth=1)
+    assert model.attention_impl == "auto"
+    assert model._impl_for(torch.zeros(1)) == "dense"
+    if torch.cuda.is_available():
+        assert model._impl_for(torch.zeros(1, device="cuda")) == "split"

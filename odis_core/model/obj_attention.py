@@ -3,7 +3,8 @@
 Only row 0 (the [OBJ] query) of each block's attention is masked; rows 1.. attend to every
 key. A dense (B, 1, 1 + N, 1 + N) boolean mask makes SDPA give up its flash kernel for all
 1 + N rows (about 1.7x the attention time on an H100, issue 5). The split path instead runs
-unmasked SDPA for the N patch queries (flash on GPU) and computes the [OBJ] row with two
+unmasked SDPA for all queries (flash on GPU), keeps its patch rows and computes the
+[OBJ] row apart with two
 small batched matrix-vector products and a masked softmax, then concatenates: the same
 numbers. The [OBJ] row is written out rather than given to a second SDPA call because
 fused kernels tile queries in blocks of 64-128 rows: a one-row query would cost a whole
@@ -23,7 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ATTENTION_IMPLS = ("split", "dense")
+# "auto": split on GPUs, where unmasked SDPA is a flash kernel that a mask would forbid;
+# dense on CPU, whose fused SDPA takes the mask at little cost (measured there: dense
+# 1.06x and split 1.33x the unmasked attention time, docs/benchmarks.md).
+ATTENTION_IMPLS = ("auto", "split", "dense")
 
 
 def obj_attention_mask(obj_patch_mask: torch.Tensor) -> torch.Tensor:
@@ -70,11 +74,13 @@ def split_obj_attention(attn: nn.Module, x: torch.Tensor, row_mask: torch.Tensor
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, 1 + N, d)
     q, k = attn.q_norm(q), attn.k_norm(k)
     dropout = attn.attn_drop.p if attn.training else 0.0
-    # No mask on the N patch queries: SDPA may pick its flash kernel.
-    patch_rows = F.scaled_dot_product_attention(q[:, :, 1:], k, v, dropout_p=dropout)
+    # No mask at all: SDPA may pick its flash kernel. Row 0 is computed too (one row more
+    # than the patches need, no slicing copies of q) and replaced by the masked [OBJ] row.
+    all_rows = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
     obj_row = obj_row_attention(q[:, :, :1], k, v, row_mask, attn.scale, dropout)
-    out = torch.cat([obj_row, patch_rows], dim=2)
-    out = out.transpose(1, 2).reshape(batch, n_tokens, attn.attn_dim)
+    # The concatenation is the (B, H, T, d) -> (B, T, H*d) copy timm makes anyway.
+    out = torch.cat([obj_row.transpose(1, 2), all_rows.transpose(1, 2)[:, 1:]], dim=1)
+    out = out.reshape(batch, n_tokens, attn.attn_dim)
     out = attn.norm(out)
     return attn.proj_drop(attn.proj(out))
 

@@ -59,7 +59,7 @@ class ObjViT(nn.Module):
         img_size: int = 224,
         patch_size: int | None = None,
         drop_path_rate: float = 0.1,
-        attention_impl: str = "split",
+        attention_impl: str = "auto",
         grad_checkpointing: bool = False,
         **timm_kwargs,
     ) -> None:
@@ -87,9 +87,10 @@ class ObjViT(nn.Module):
         self.embed_dim: int = self.vit.embed_dim
         self.patch_size: int = self.vit.patch_embed.patch_size[0]
         self.mask_token = nn.Parameter(torch.zeros(1, 1, 1, self.embed_dim))
-        # "split" (default): flash-friendly unmasked patch rows + a one-row masked [OBJ]
-        # attention; "dense": one SDPA with a (B, 1, 1+N, 1+N) mask (reference, benchmarks).
-        if attention_impl == "split" and not all(map(supports_split_attention, self.vit.blocks)):
+        # "split": flash-friendly unmasked attention + the masked [OBJ] row written out;
+        # "dense": one SDPA with a (B, 1, 1+N, 1+N) mask; "auto" (default): split on GPUs,
+        # dense on CPU (see obj_attention.ATTENTION_IMPLS).
+        if attention_impl != "dense" and not all(map(supports_split_attention, self.vit.blocks)):
             attention_impl = "dense"  # an unusual timm block: fall back to timm's own forward
         self.attention_impl = attention_impl
         # Recompute each block's activations in the backward pass (ViT-L at batch >= 64 on
@@ -120,18 +121,25 @@ class ObjViT(nn.Module):
         tokens = self.vit.patch_drop(tokens)
         tokens = self.vit.norm_pre(tokens)
         if obj_patch_mask is None or (
-            not force_masked_path and self.attention_impl == "dense" and bool(obj_patch_mask.all())
+            not force_masked_path
+            and self._impl_for(tokens) == "dense"
+            and bool(obj_patch_mask.all())
         ):
             # No mask: timm's blocks as they are (fused / flash attention).
             return self.vit.norm(self._run_blocks(tokens, None))
         return self.vit.norm(self._run_blocks(tokens, obj_patch_mask))
+
+    def _impl_for(self, tokens: torch.Tensor) -> str:
+        if self.attention_impl == "auto":
+            return "split" if tokens.device.type == "cuda" else "dense"
+        return self.attention_impl
 
     def _run_blocks(
         self, tokens: torch.Tensor, obj_patch_mask: torch.Tensor | None
     ) -> torch.Tensor:
         if obj_patch_mask is None:
             mask, forward = None, _plain_block
-        elif self.attention_impl == "split":
+        elif self._impl_for(tokens) == "split":
             mask, forward = obj_row_mask(obj_patch_mask), split_block_forward
         else:
             mask, forward = obj_attention_mask(obj_patch_mask), _dense_block
