@@ -233,7 +233,7 @@ def attention_timings(
         ("unmasked SDPA", reshaped(unmasked)),
         ("dense (B,1,N,N) mask", reshaped(dense)),
         ("split, [OBJ] row by a 2nd SDPA", split_sdpa_row),
-        ("split, [OBJ] row written out (default)", split),
+        ("split, [OBJ] row written out (odis)", split),
     )
     grad = torch.randn(batch, 1 + n, heads, head_dim, device=device, dtype=dtype)  # (B, T, H, d)
     timings: dict[str, list[float]] = {name: [] for name, _ in kernels}
@@ -251,8 +251,11 @@ def attention_timings(
     return [(name, ms, ms / results[0][1]) for name, ms in results], (batch, heads, 1 + n, head_dim)
 
 
-def data_pipeline(config: PretrainConfig, device: str, steps: int, workers: int) -> dict:
-    """The real pipeline on synthetic scenes: images/s and the share of time waiting for data."""
+def data_pipeline(
+    config: PretrainConfig, device: str, steps: int, workers: int, loader_only: bool = False
+) -> dict:
+    """The real pipeline on synthetic scenes: images/s and the share of time waiting for data
+    (skipped with `loader_only`), and the loader's own throughput."""
     from odis_core.masks.coco import import_coco
     from odis_core.scenes.synthetic import SceneConfig, generate_scenes
     from odis_core.train.loop import RunFinished, pretrain
@@ -278,8 +281,18 @@ def data_pipeline(config: PretrainConfig, device: str, steps: int, workers: int)
             warmup_epochs=0,
             tensorboard=False,
         )
-        report: dict = {}
-        for event in pretrain(run_config, splits["train"].images_dir, store, Path(tmp) / "run"):
+        report: dict = {
+            "images_per_second": float("nan"),
+            "data_wait_share": float("nan"),
+            "crop_fallbacks": "n/a",
+            "steps": 0,
+        }
+        run = (
+            ()
+            if loader_only
+            else pretrain(run_config, splits["train"].images_dir, store, Path(tmp) / "run")
+        )
+        for event in run:
             if isinstance(event, RunFinished):
                 report = dict(event.report)
         report["loader_only_images_per_second"] = loader_throughput(
@@ -325,6 +338,9 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile every step")
     parser.add_argument("--grad-checkpointing", action="store_true")
     parser.add_argument("--data", action="store_true", help="also time the real data loader")
+    parser.add_argument(
+        "--loader-only", action="store_true", help="only the loader's throughput, no model"
+    )
     parser.add_argument("--workers", type=int, default=16)
     parser.add_argument("--attn-batch", type=int, default=None, help="256; --quick 8")
     parser.add_argument("--peak-tflops", type=float, default=None)
@@ -375,6 +391,17 @@ def main() -> None:
         ),
         "plain timm": lambda: plain_timm_step(config, device),
     }
+    if args.loader_only:
+        data = data_pipeline(config, device, args.steps, args.workers, loader_only=True)
+        console.print(
+            f"data loader alone, {args.workers} worker(s), batch {args.batch_size}, "
+            f"2x{args.global_size} + {args.n_local_crops}x{args.local_size} crops, "
+            f"{2 * max(args.global_size, 64)} px scenes: "
+            f"{data['loader_only_images_per_second']:.1f} img/s",
+            highlight=False,
+        )
+        return
+
     # Rounds of all variants, median per variant: on a shared machine a slow spell then
     # hits every variant alike instead of whichever ran during it.
     runs: dict[str, list[dict]] = {name: [] for name in variants}

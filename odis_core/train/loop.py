@@ -436,11 +436,13 @@ def pretrain(
             saved, **{name: getattr(config, name) for name in RUN_CONTROL_FIELDS}
         )
     config = config.resolved()
+    joined_here = distributed.launched_by_torchrun() and not distributed.is_initialized()
     device = distributed.init_from_environment(resolve_device(config.device))
     try:
         yield from _run(config, images_root, store, out_dir, state, device)
     finally:
-        distributed.shutdown()
+        if joined_here:  # a process group the caller created stays theirs
+            distributed.shutdown()
 
 
 def _run(
