@@ -26,7 +26,7 @@ from torch import nn
 
 # "auto": split on GPUs, where unmasked SDPA is a flash kernel that a mask would forbid;
 # dense on CPU, whose fused SDPA takes the mask at little cost (measured there: dense
-# 1.06x and split 1.33x the unmasked attention time, docs/benchmarks.md).
+# 1.00-1.08x and split 1.22-1.25x the unmasked attention time, docs/benchmarks.md).
 ATTENTION_IMPLS = ("auto", "split", "dense")
 
 
@@ -64,7 +64,7 @@ def supports_split_attention(block: nn.Module) -> bool:
 
 
 def split_obj_attention(attn: nn.Module, x: torch.Tensor, row_mask: torch.Tensor) -> torch.Tensor:
-    """timm `Attention.forward` with the [OBJ] row masked, computed as two SDPA calls.
+    """timm `Attention.forward` with the [OBJ] row masked: unmasked SDPA + the row apart.
 
     x: (B, 1 + N, C) normalised tokens; row_mask: (B, 1, 1, 1 + N) bool from `obj_row_mask`.
     Returns (B, 1 + N, C), equal to the dense-masked attention.
