@@ -46,8 +46,9 @@ class LossTerms:
     def as_floats(self) -> dict[str, float]:
         """All terms as Python floats, copied from the device in one transfer."""
         entropy = torch.as_tensor(self.teacher_entropy, device=self.total.device)
-        values = torch.stack([self.total.detach(), self.obj.detach(), self.mim.detach(),
-                              entropy.float()]).tolist()
+        values = torch.stack(
+            [self.total.detach(), self.obj.detach(), self.mim.detach(), entropy.float()]
+        ).tolist()
         return dict(zip(("loss", "loss_obj", "loss_mim", "teacher_entropy"), values, strict=True))
 
 
@@ -112,8 +113,9 @@ class IBOTLoss(nn.Module):
         temp, temp_patch = self.teacher_temperatures(epoch)
         n_global = self.n_global_crops
 
-        student_views = [student_obj] if student_local_obj is None else [
-            student_obj, student_local_obj]
+        student_views = (
+            [student_obj] if student_local_obj is None else [student_obj, student_local_obj]
+        )
         student_obj_all = torch.cat(student_views).float() / self.student_temp
         student_obj_chunks = student_obj_all.chunk(n_global + self.n_local_crops)
         student_patch_chunks = (student_patch.float() / self.student_temp).chunk(n_global)
@@ -162,9 +164,7 @@ class IBOTLoss(nn.Module):
         if dist.is_available() and dist.is_initialized():
             for tensor in (obj_sum, patch_sum, count):
                 dist.all_reduce(tensor)
-        self.center.mul_(self.center_momentum).add_(
-            obj_sum / count, alpha=1 - self.center_momentum
-        )
+        self.center.mul_(self.center_momentum).add_(obj_sum / count, alpha=1 - self.center_momentum)
         self.center_patch.mul_(self.center_momentum_patch).add_(
             patch_sum.unsqueeze(1) / count, alpha=1 - self.center_momentum_patch
         )

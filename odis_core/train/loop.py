@@ -51,8 +51,15 @@ from odis_core.train.schedules import cosine_schedule
 
 # How to run, not what to compute: taken from the command line even when resuming.
 RUN_CONTROL_FIELDS = (
-    "device", "workers", "max_steps", "save_every", "attention_impl", "grad_checkpointing",
-    "compile", "deterministic", "tensorboard",
+    "device",
+    "workers",
+    "max_steps",
+    "save_every",
+    "attention_impl",
+    "grad_checkpointing",
+    "compile",
+    "deterministic",
+    "tensorboard",
 )
 
 
@@ -139,10 +146,10 @@ class EpochSampler(Sampler[int]):
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         order = torch.randperm(self.n_items, generator=generator).tolist()
         if self.world == 1 and self.batch_size == 1:
-            return iter(order[self.start:])
+            return iter(order[self.start :])
         lo, hi = self.rank * self.batch_size, (self.rank + 1) * self.batch_size
         starts = self._global_batch_starts()
-        return iter([index for start in starts for index in order[start + lo:start + hi]])
+        return iter([index for start in starts for index in order[start + lo : start + hi]])
 
     def __len__(self) -> int:
         if self.world == 1 and self.batch_size == 1:
@@ -279,7 +286,10 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(param_groups(self.student))
         total_batch = config.batch_size * distributed.world_size()
         self.lr_schedule = cosine_schedule(
-            config.lr * total_batch / 256.0, config.min_lr, config.epochs, iters_per_epoch,
+            config.lr * total_batch / 256.0,
+            config.min_lr,
+            config.epochs,
+            iters_per_epoch,
             warmup_epochs=config.warmup_epochs,
         )
         self.wd_schedule = cosine_schedule(
@@ -314,8 +324,11 @@ class Trainer:
 
     def load_state(self, state: dict[str, Any]) -> None:
         source = state.get("path", "checkpoint")
-        for name, module in (("student", self.student), ("teacher", self.teacher),
-                             ("loss", self.loss)):
+        for name, module in (
+            ("student", self.student),
+            ("teacher", self.teacher),
+            ("loss", self.loss),
+        ):
             load_strict(module, state[name], f"{source} ({name})")
         try:
             self.optimizer.load_state_dict(state["optimizer"])
@@ -352,12 +365,20 @@ class Trainer:
                     batch.global_crops, batch.global_patch_masks
                 )
             student_obj, student_patch, student_local_obj = self.student_step(
-                batch.global_crops, batch.global_patch_masks, batch.mim_masks,
-                batch.local_crops, batch.local_patch_masks,
+                batch.global_crops,
+                batch.global_patch_masks,
+                batch.mim_masks,
+                batch.local_crops,
+                batch.local_patch_masks,
             )
             terms = self.loss(
-                student_obj, student_local_obj, student_patch, teacher_obj, teacher_patch,
-                batch.mim_masks, epoch,
+                student_obj,
+                student_local_obj,
+                student_patch,
+                teacher_obj,
+                teacher_patch,
+                batch.mim_masks,
+                epoch,
             )
         values = terms.as_floats()  # the step's one device-to-host sync before backward
         total = values["loss"]
@@ -479,11 +500,10 @@ def _run(
         total_steps = min(total_steps, config.max_steps)
     yield RunStarted(config, total_steps, trainer.step, iters_per_epoch, len(dataset), device)
 
-    sampler = EpochSampler(
-        len(dataset), config.seed, config.batch_size, distributed.rank(), world
+    sampler = EpochSampler(len(dataset), config.seed, config.batch_size, distributed.rank(), world)
+    collapse = CollapseWatch(
+        config.out_dim, config.collapse_entropy_ratio, config.collapse_patience
     )
-    collapse = CollapseWatch(config.out_dim, config.collapse_entropy_ratio,
-                             config.collapse_patience)
     counts = {"images_skipped": 0, "whole_image_fallbacks": 0, "crop_fallbacks": 0, "images": 0}
     started = time.perf_counter()
     start_step = trainer.step
@@ -541,7 +561,9 @@ def _run(
                 yield StepDone(trainer.step, total_steps, epoch, metrics)
                 if warn:
                     yield CollapseWarning(
-                        trainer.step, metrics["teacher_entropy"], collapse.max_entropy,
+                        trainer.step,
+                        metrics["teacher_entropy"],
+                        collapse.max_entropy,
                         f"teacher [OBJ] entropy {metrics['teacher_entropy']:.3f} has stayed near "
                         f"ln(out_dim) = {collapse.max_entropy:.3f} for {collapse.patience} steps: "
                         "the teacher output is near uniform (collapse)",
