@@ -316,6 +316,7 @@ class Trainer:
             "rng": rng,
             # Drop-path draws differ per rank: each rank's stream is kept for an exact resume.
             "rng_per_rank": distributed.gather_objects(rng),
+            "world_size": distributed.world_size(),
             # DDP keeps ranks bitwise identical; a differing fingerprint shows a rank drifted.
             "rank_fingerprints": distributed.gather_objects(
                 [weights_fingerprint(self.student), weights_fingerprint(self.teacher)]
@@ -324,6 +325,14 @@ class Trainer:
 
     def load_state(self, state: dict[str, Any]) -> None:
         source = state.get("path", "checkpoint")
+        saved_world = int(state.get("world_size", 1))
+        if saved_world != distributed.world_size():
+            # The global batch, the rank shards and the step -> (epoch, batch) mapping all
+            # depend on the number of processes: another count would not resume this run.
+            raise CheckpointError(
+                f"{source}: written by {saved_world} process(es); resume it with the same "
+                f"number (now {distributed.world_size()})"
+            )
         for name, module in (
             ("student", self.student),
             ("teacher", self.teacher),
@@ -535,8 +544,10 @@ def _run(
                 counts["images_skipped"] += batch.n_skipped
                 counts["whole_image_fallbacks"] += batch.n_whole_image_fallback
                 counts["crop_fallbacks"] += batch.n_crop_failures
-                if len(batch.indices) == 0 and world == 1:
-                    trainer.step += 1  # every image of the batch was unreadable
+                # Every image of a batch unreadable: skip the step on every rank together
+                # (a rank stepping alone would wait forever in the gradient all-reduce).
+                if not distributed.all_true(len(batch.indices) > 0, device):
+                    trainer.step += 1
                     waited_from = time.perf_counter()
                     continue
                 counts["images"] += len(batch.indices)
