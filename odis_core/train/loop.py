@@ -548,6 +548,8 @@ def _run(
                 # (a rank stepping alone would wait forever in the gradient all-reduce).
                 if not distributed.all_true(len(batch.indices) > 0, device):
                     trainer.step += 1
+                    if trainer.step >= total_steps:
+                        break
                     waited_from = time.perf_counter()
                     continue
                 counts["images"] += len(batch.indices)

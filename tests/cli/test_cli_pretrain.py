@@ -258,3 +258,18 @@ def test_read_only_run_directory_gives_one_line_and_keeps_the_checkpoint(store, 
     finally:
         run.chmod(0o755)
     assert (run / "checkpoint.pt").read_bytes() == before
+
+
+def test_unreadable_images_are_skipped_and_counted_never_fatal(tmp_path):
+    store = make_store(tmp_path, n_images=8)
+    images = sorted((tmp_path / "scenes").rglob("*.png")) + sorted(
+        (tmp_path / "scenes").rglob("*.jpg")
+    )
+    train_images = [path for path in images if "train" in str(path)]
+    assert len(train_images) == 8
+    for path in train_images:
+        path.write_bytes(b"not an image")
+    run = tmp_path / "run"
+    _run(pretrain_args(store, run, tmp_path / "tiny.json", max_steps=2, epochs=1))
+    report = json.loads((run / "report.json").read_text())
+    assert report["steps"] == 2 and report["images"] == 0 and report["images_skipped"] == 8
