@@ -22,6 +22,8 @@ def export(
     kwargs = ", ".join(f"{key}={value!r}" for key, value in written["timm_kwargs"].items())
     console.print(
         f"{written['tensors']} tensors -> {out}\n"
-        f"load with: timm.create_model({written['arch']!r}, {kwargs}) and "
-        "safetensors.torch.load_file", highlight=False,
+        f"load with: timm.create_model({written['arch']!r}, pretrained=True, "
+        f"pretrained_cfg_overlay=dict(file={str(out)!r}), {kwargs})",
+        highlight=False,
+        soft_wrap=True,
     )

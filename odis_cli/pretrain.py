@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import time
+import os
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.progress import TextColumn
 
 from odis_cli.ui import cli_errors, console, make_progress
@@ -15,37 +17,63 @@ from odis_core.train.config import PretrainConfig
 
 
 def run_training(events, description: str = "pretraining") -> dict:
-    """Draw a run's events (from `odis_core.train.loop.pretrain`); return its final report."""
-    from odis_core.train.loop import CheckpointSaved, RunFinished, RunStarted, StepDone
+    """Draw a run's events (from `odis_core.train.loop.pretrain`); return its final report.
+    Under torchrun only rank 0 draws; the other ranks consume the events silently."""
+    from odis_core.train import distributed
+    from odis_core.train.loop import (
+        CheckpointSaved,
+        CollapseWarning,
+        RunFinished,
+        RunStarted,
+        StepDone,
+    )
 
     report: dict = {}
-    with make_progress(TextColumn("{task.fields[status]}")) as progress:
-        task = progress.add_task(description, total=None, status="")
-        started, images_seen, batch = time.perf_counter(), 0, 0
+    display = (
+        make_progress(TextColumn("{task.fields[status]}"))
+        if _is_main_rank()
+        else contextlib.nullcontext(None)
+    )
+    with display as progress:
+        task = progress.add_task(description, total=None, status="") if progress else None
         for event in events:
+            if progress is None:
+                if isinstance(event, RunFinished):
+                    report = event.report
+                continue
             if isinstance(event, RunStarted):
-                batch = event.config.batch_size
                 progress.update(task, total=event.total_steps, completed=event.start_step)
+                processes = distributed.world_size()
                 console.print(
                     f"{event.n_images} images, {event.iters_per_epoch} steps/epoch, "
                     f"{event.total_steps} steps, device {event.device}"
+                    + (f", {processes} processes (DDP)" if processes > 1 else "")
                     + (f", resuming at step {event.start_step}" if event.start_step else ""),
                     highlight=False,
                 )
             elif isinstance(event, StepDone):
-                images_seen += batch
-                rate = images_seen / max(time.perf_counter() - started, 1e-9)
                 m = event.metrics
                 status = (
                     f"loss {m['loss']:.3f} (obj {m['loss_obj']:.3f} mim {m['loss_mim']:.3f})"
-                    f"  lr {m['lr']:.2e}  {rate:.1f} img/s"
+                    f"  lr {m['lr']:.2e}  {m['images_per_second']:.1f} img/s"
+                    f"  data wait {100 * m['data_wait_share']:.0f}%"
                 )
                 progress.update(task, completed=event.step, status=status)
+            elif isinstance(event, CollapseWarning):
+                progress.console.print(
+                    f"[yellow]warning:[/yellow] step {event.step}: {escape(event.message)}",
+                    highlight=False,
+                )
             elif isinstance(event, CheckpointSaved):
                 progress.update(task, status=f"checkpoint saved at step {event.step}")
             elif isinstance(event, RunFinished):
                 report = event.report
     return report
+
+
+def _is_main_rank() -> bool:
+    # Before the process group exists (it is created inside the run), torchrun's RANK says.
+    return os.environ.get("RANK", "0") == "0"
 
 
 _DEFAULTS = PretrainConfig()
@@ -124,6 +152,35 @@ def pretrain(
     feature: Annotated[
         str | None, typer.Option(help="obj, or meanpool (ablation: mean of object patches).")
     ] = None,
+    attention_impl: Annotated[
+        str | None,
+        typer.Option(
+            help="split (unmasked flash attention + the masked [OBJ] row apart), dense (one "
+            f"SDPA with a full mask) or auto (split on GPU){_default('attention_impl')}."
+        ),
+    ] = None,
+    grad_checkpointing: Annotated[
+        bool | None,
+        typer.Option(
+            "--grad-checkpointing/--no-grad-checkpointing",
+            help="Recompute block activations in backward (less memory, ~1 more forward).",
+        ),
+    ] = None,
+    compile: Annotated[
+        bool | None,
+        typer.Option("--compile/--no-compile", help="torch.compile the student and teacher."),
+    ] = None,
+    deterministic: Annotated[
+        bool | None,
+        typer.Option(
+            "--deterministic/--no-deterministic",
+            help="torch.use_deterministic_algorithms (bitwise-repeatable GPU runs, slower).",
+        ),
+    ] = None,
+    tensorboard: Annotated[
+        bool | None,
+        typer.Option("--tensorboard/--no-tensorboard", help="Event files in RUN_DIR/tensorboard."),
+    ] = None,
     resume: Annotated[
         bool, typer.Option(help="Continue RUN_DIR from its last checkpoint.")
     ] = False,
@@ -154,6 +211,11 @@ def pretrain(
             masked_attention=masked_attention,
             object_crops=object_crops,
             feature=feature,
+            attention_impl=attention_impl,
+            grad_checkpointing=grad_checkpointing,
+            compile=compile,
+            deterministic=deterministic,
+            tensorboard=tensorboard,
         ).items()
         if value is not None
     }
@@ -165,9 +227,13 @@ def pretrain(
         if images_root is None:
             raise ValueError(f"{masks}: the store records no image folder; pass --images")
         report = run_training(run_pretrain(run_config, images_root, store, out, resume=resume))
+    if not _is_main_rank():
+        return
     console.print(
         f"done: {report.get('steps')} steps, {report.get('images_per_second')} img/s, "
         f"{report.get('images_skipped')} unreadable images skipped, "
-        f"{report.get('whole_image_fallbacks')} whole-image fallbacks; run directory {out}",
+        f"{report.get('whole_image_fallbacks')} whole-image fallbacks, "
+        f"data wait {100 * (report.get('data_wait_share') or 0):.1f}% of the time; "
+        f"run directory {out}",
         highlight=False,
     )

@@ -125,3 +125,14 @@ def test_epoch_sampler_is_a_seeded_permutation_that_resumes_mid_epoch():
     assert list(sampler) == full[4:]
     sampler.set_position(epoch=4, start_index=0)
     assert list(sampler) != full
+
+
+def test_resume_refuses_a_checkpoint_of_another_process_count():
+    from odis_core.train.checkpoint import CheckpointError
+
+    trainer = make_trainer()
+    state = trainer.state()
+    assert state["world_size"] == 1
+    state["world_size"] = 2
+    with pytest.raises(CheckpointError, match="2 process"):
+        make_trainer().load_state(state)

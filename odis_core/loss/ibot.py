@@ -39,10 +39,17 @@ class LossTerms:
     obj: torch.Tensor  # λ1·L_obj, scalar
     mim: torch.Tensor  # λ2·L_mim, scalar
     total: torch.Tensor
-    teacher_entropy: float = 0.0  # mean entropy of the teacher's [OBJ] distribution (nats)
+    # Mean entropy of the teacher's [OBJ] distribution (nats), a 0-d tensor: reading it with
+    # the loss terms in one transfer (`as_floats`) keeps the step at one GPU sync.
+    teacher_entropy: torch.Tensor | float = 0.0
 
     def as_floats(self) -> dict[str, float]:
-        return {"loss": self.total.item(), "loss_obj": self.obj.item(), "loss_mim": self.mim.item()}
+        """All terms as Python floats, copied from the device in one transfer."""
+        entropy = torch.as_tensor(self.teacher_entropy, device=self.total.device)
+        values = torch.stack(
+            [self.total.detach(), self.obj.detach(), self.mim.detach(), entropy.float()]
+        ).tolist()
+        return dict(zip(("loss", "loss_obj", "loss_mim", "teacher_entropy"), values, strict=True))
 
 
 class IBOTLoss(nn.Module):
@@ -106,8 +113,9 @@ class IBOTLoss(nn.Module):
         temp, temp_patch = self.teacher_temperatures(epoch)
         n_global = self.n_global_crops
 
-        student_views = [student_obj] if student_local_obj is None else [
-            student_obj, student_local_obj]
+        student_views = (
+            [student_obj] if student_local_obj is None else [student_obj, student_local_obj]
+        )
         student_obj_all = torch.cat(student_views).float() / self.student_temp
         student_obj_chunks = student_obj_all.chunk(n_global + self.n_local_crops)
         student_patch_chunks = (student_patch.float() / self.student_temp).chunk(n_global)
@@ -144,7 +152,7 @@ class IBOTLoss(nn.Module):
         entropy = -(teacher_obj_probs * teacher_obj_probs.clamp_min(1e-12).log()).sum(-1).mean()
         self.update_centers(teacher_obj, teacher_patch)
         return LossTerms(
-            obj=loss_obj, mim=loss_mim, total=loss_obj + loss_mim, teacher_entropy=entropy.item()
+            obj=loss_obj, mim=loss_mim, total=loss_obj + loss_mim, teacher_entropy=entropy.detach()
         )
 
     @torch.no_grad()
@@ -156,9 +164,7 @@ class IBOTLoss(nn.Module):
         if dist.is_available() and dist.is_initialized():
             for tensor in (obj_sum, patch_sum, count):
                 dist.all_reduce(tensor)
-        self.center.mul_(self.center_momentum).add_(
-            obj_sum / count, alpha=1 - self.center_momentum
-        )
+        self.center.mul_(self.center_momentum).add_(obj_sum / count, alpha=1 - self.center_momentum)
         self.center_patch.mul_(self.center_momentum_patch).add_(
             patch_sum.unsqueeze(1) / count, alpha=1 - self.center_momentum_patch
         )

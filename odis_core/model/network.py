@@ -61,3 +61,31 @@ class DistillationNetwork(nn.Module):
             return self.head(object_token).squeeze(1), None
         logits = self.head(torch.cat([object_token, tokens[:, 1:]], dim=1))
         return logits[:, 0], logits[:, 1:]
+
+
+class MultiCropStudent(nn.Module):
+    """The student's whole step in one `forward`: masked global crops with patch logits,
+    then local crops with [OBJ] logits only. One call per step is what DDP expects (its
+    gradient hooks are armed once per forward); the network's own keys stay unprefixed
+    because checkpoints save `network`, not this wrapper."""
+
+    def __init__(self, network: DistillationNetwork) -> None:
+        super().__init__()
+        self.network = network
+
+    def forward(
+        self,
+        global_crops: torch.Tensor,
+        global_patch_masks: torch.Tensor,
+        mim_masks: torch.Tensor,
+        local_crops: torch.Tensor | None,
+        local_patch_masks: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Returns global [OBJ] logits (G*B, K), patch logits (G*B, N, K) and local [OBJ]
+        logits (L*B, K) or None."""
+        obj, patch = self.network(global_crops, global_patch_masks, mim_mask=mim_masks)
+        local_obj = None
+        if local_crops is not None:
+            local_obj, _ = self.network(local_crops, local_patch_masks, with_patches=False)
+        assert patch is not None
+        return obj, patch, local_obj

@@ -16,6 +16,17 @@ from __future__ import annotations
 import timm
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from odis_core.model.obj_attention import (
+    ATTENTION_IMPLS,
+    obj_attention_mask,
+    obj_row_mask,
+    split_block_forward,
+    supports_split_attention,
+)
+
+__all__ = ["ARCHITECTURES", "ObjViT", "obj_attention_mask", "resolve_arch"]
 
 # Short names users know from DINO/iBOT, mapped to timm architectures (patch 16).
 ARCHITECTURES = {
@@ -35,21 +46,6 @@ def resolve_arch(arch: str) -> str:
     return name
 
 
-def obj_attention_mask(obj_patch_mask: torch.Tensor) -> torch.Tensor:
-    """Boolean SDPA mask from a per-patch object mask.
-
-    obj_patch_mask: (B, N) bool, True where the [OBJ] query may attend to patch n.
-    Returns (B, 1, 1 + N, 1 + N) bool, True = attend: row 0 ([OBJ]) sees its own key and the
-    object's patches; rows 1.. (patches) see everything.
-    """
-    batch, n_patches = obj_patch_mask.shape
-    mask = torch.ones(
-        batch, 1, 1 + n_patches, 1 + n_patches, dtype=torch.bool, device=obj_patch_mask.device
-    )
-    mask[:, 0, 0, 1:] = obj_patch_mask
-    return mask
-
-
 class ObjViT(nn.Module):
     """timm ViT with an [OBJ] token (timm's class token) and masked [OBJ] attention.
 
@@ -63,9 +59,15 @@ class ObjViT(nn.Module):
         img_size: int = 224,
         patch_size: int | None = None,
         drop_path_rate: float = 0.1,
+        attention_impl: str = "auto",
+        grad_checkpointing: bool = False,
         **timm_kwargs,
     ) -> None:
         super().__init__()
+        if attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(
+                f"attention_impl must be one of {ATTENTION_IMPLS}, got {attention_impl!r}"
+            )
         kwargs = dict(
             pretrained=False,
             num_classes=0,
@@ -85,6 +87,15 @@ class ObjViT(nn.Module):
         self.embed_dim: int = self.vit.embed_dim
         self.patch_size: int = self.vit.patch_embed.patch_size[0]
         self.mask_token = nn.Parameter(torch.zeros(1, 1, 1, self.embed_dim))
+        # "split": flash-friendly unmasked attention + the masked [OBJ] row written out;
+        # "dense": one SDPA with a (B, 1, 1+N, 1+N) mask; "auto" (default): split on GPUs,
+        # dense on CPU (see obj_attention.ATTENTION_IMPLS).
+        if attention_impl != "dense" and not all(map(supports_split_attention, self.vit.blocks)):
+            attention_impl = "dense"  # an unusual timm block: fall back to timm's own forward
+        self.attention_impl = attention_impl
+        # Recompute each block's activations in the backward pass (ViT-L at batch >= 64 on
+        # one 80 GB GPU): memory for about one extra forward.
+        self.grad_checkpointing = grad_checkpointing
 
     def forward(
         self,
@@ -109,14 +120,41 @@ class ObjViT(nn.Module):
         tokens = self.vit._pos_embed(tokens)
         tokens = self.vit.patch_drop(tokens)
         tokens = self.vit.norm_pre(tokens)
+        if obj_patch_mask is None or (
+            not force_masked_path
+            and self._impl_for(tokens) == "dense"
+            and bool(obj_patch_mask.all())
+        ):
+            # No mask: timm's blocks as they are (fused / flash attention).
+            return self.vit.norm(self._run_blocks(tokens, None))
+        return self.vit.norm(self._run_blocks(tokens, obj_patch_mask))
+
+    def _impl_for(self, tokens: torch.Tensor) -> str:
+        if self.attention_impl == "auto":
+            return "split" if tokens.device.type == "cuda" else "dense"
+        return self.attention_impl
+
+    def _run_blocks(
+        self, tokens: torch.Tensor, obj_patch_mask: torch.Tensor | None
+    ) -> torch.Tensor:
         if obj_patch_mask is None:
-            n_patches = tokens.shape[1] - 1
-            obj_patch_mask = tokens.new_ones(tokens.shape[0], n_patches, dtype=torch.bool)
-        if not force_masked_path and bool(obj_patch_mask.all()):
-            # All-true mask: the unmasked path keeps the fused (flash) attention kernel.
-            tokens = self.vit.blocks(tokens)
+            mask, forward = None, _plain_block
+        elif self._impl_for(tokens) == "split":
+            mask, forward = obj_row_mask(obj_patch_mask), split_block_forward
         else:
-            attn_mask = obj_attention_mask(obj_patch_mask)
-            for block in self.vit.blocks:
-                tokens = block(tokens, attn_mask=attn_mask)
-        return self.vit.norm(tokens)
+            mask, forward = obj_attention_mask(obj_patch_mask), _dense_block
+        recompute = self.grad_checkpointing and self.training and torch.is_grad_enabled()
+        for block in self.vit.blocks:
+            if recompute:
+                tokens = checkpoint(forward, block, tokens, mask, use_reentrant=False)
+            else:
+                tokens = forward(block, tokens, mask)
+        return tokens
+
+
+def _plain_block(block: nn.Module, tokens: torch.Tensor, _mask: None) -> torch.Tensor:
+    return block(tokens)
+
+
+def _dense_block(block: nn.Module, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return block(tokens, attn_mask=mask)

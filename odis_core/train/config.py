@@ -82,6 +82,15 @@ class PretrainConfig:
     max_steps: int | None = None  # stop early; schedules still follow `epochs`
     save_every: int | None = None  # steps between checkpoints (also saved at each epoch end)
 
+    # Speed and scale (issue 5): none of these changes what is computed
+    attention_impl: str = "auto"  # "split" (flash-friendly), "dense" (one mask); auto: GPU split
+    grad_checkpointing: bool = False  # recompute block activations (ViT-L on one GPU)
+    compile: bool = False  # torch.compile the student and teacher steps
+    deterministic: bool = False  # torch.use_deterministic_algorithms (bitwise-repeatable GPU)
+    tensorboard: bool = True  # event files in RUN_DIR/tensorboard
+    collapse_entropy_ratio: float = 0.98  # warn when teacher entropy >= ratio * ln(out_dim)
+    collapse_patience: int = 10  # ... for this many steps in a row
+
     extra: dict[str, Any] = field(default_factory=dict)
 
     def resolved(self) -> PretrainConfig:
@@ -99,6 +108,8 @@ class PretrainConfig:
         for name in ("epochs", "batch_size", "n_global_crops", "patch_size"):
             if getattr(config, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        if config.attention_impl not in ("auto", "split", "dense"):
+            raise ValueError(f"attention_impl: auto, split or dense, not {config.attention_impl!r}")
         if config.n_global_crops != 2:
             raise ValueError("iBOT's objective needs exactly 2 global crops")
         for size_name in ("global_size", "local_size"):

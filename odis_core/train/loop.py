@@ -1,9 +1,15 @@
 """The pretraining loop: data → student/teacher → iBOT loss → AdamW → EMA, with checkpoints.
 
-`pretrain` is a generator of events (start, every step, checkpoints, end), so the CLI can
-draw progress and the library stays quiet. Everything a run needs to resume exactly is in
-its checkpoint: weights, optimizer, loss centres, step, RNG state, config; the data order
-is a pure function of (seed, epoch), so resuming at step s replays the same batches.
+`pretrain` is a generator of events (start, every step, warnings, checkpoints, end), so the
+CLI can draw progress and the library stays quiet. Everything a run needs to resume exactly
+is in its checkpoint: weights, optimizer, loss centres, step, every rank's RNG states,
+config; the data order is a pure function of (seed, epoch) and every sample draws from its
+own (seed, epoch, index) generator, so resuming at step s replays the same batches with
+the same crops, whatever the number of loader workers.
+
+Under torchrun the same code runs DDP: each rank takes a disjoint slice of every global
+batch, gradients and loss centres are averaged across ranks, the LR scales with the global
+batch (iBOT: lr x global batch / 256), and only rank 0 writes to the run directory.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import random
 import time
 from collections.abc import Iterator
@@ -19,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
@@ -28,18 +34,41 @@ from odis_core.crops.object_aware import ObjectMultiCrop
 from odis_core.loss.ibot import IBOTLoss
 from odis_core.masks.store import MaskStore
 from odis_core.model.heads import IBOTHead
-from odis_core.model.network import DistillationNetwork
+from odis_core.model.network import DistillationNetwork, MultiCropStudent
 from odis_core.model.obj_vit import ObjViT
-from odis_core.train.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from odis_core.train import distributed
+from odis_core.train.checkpoint import (
+    CHECKPOINT_NAME,
+    CheckpointError,
+    load_checkpoint,
+    load_strict,
+    save_checkpoint,
+)
 from odis_core.train.config import PretrainConfig
 from odis_core.train.ema import make_teacher, update_teacher
+from odis_core.train.metrics import CollapseWatch, RunLog
 from odis_core.train.schedules import cosine_schedule
 
-RUN_CONTROL_FIELDS = ("device", "workers", "max_steps", "save_every")
+# How to run, not what to compute: taken from the command line even when resuming.
+RUN_CONTROL_FIELDS = (
+    "device",
+    "workers",
+    "max_steps",
+    "save_every",
+    "attention_impl",
+    "grad_checkpointing",
+    "compile",
+    "deterministic",
+    "tensorboard",
+)
 
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN/inf; the last checkpoint on disk is left untouched."""
+
+    def __init__(self, message: str, step: int) -> None:
+        super().__init__(message)
+        self.step = step
 
 
 @dataclass
@@ -58,6 +87,16 @@ class StepDone:
     total_steps: int
     epoch: int
     metrics: dict[str, float]
+
+
+@dataclass
+class CollapseWarning:
+    """The teacher's [OBJ] entropy has stayed near ln(out_dim): the collapse of spec §11."""
+
+    step: int
+    entropy: float
+    max_entropy: float  # ln(out_dim)
+    message: str
 
 
 @dataclass
@@ -81,40 +120,64 @@ def resolve_device(device: str) -> str:
 
 
 class EpochSampler(Sampler[int]):
-    """Indices of one epoch: a permutation drawn from (seed, epoch), starting at a batch
-    offset so a resumed run sees exactly the batches it had not seen yet."""
+    """This rank's indices of one epoch: a permutation drawn from (seed, epoch), the same on
+    every rank, cut into global batches of `batch_size * world` images of which rank r takes
+    the r-th slice (disjoint shards; together exactly the single-process global batch).
+    `start_index` (a position in the permutation) lets a resumed run see exactly the
+    batches it had not seen yet."""
 
-    def __init__(self, n_items: int, seed: int) -> None:
-        self.n_items = n_items
-        self.seed = seed
+    def __init__(
+        self, n_items: int, seed: int, batch_size: int = 1, rank: int = 0, world: int = 1
+    ) -> None:
+        self.n_items, self.seed = n_items, seed
+        self.batch_size, self.rank, self.world = batch_size, rank, world
         self.epoch = 0
         self.start = 0
 
     def set_position(self, epoch: int, start_index: int) -> None:
         self.epoch, self.start = epoch, start_index
 
+    def _global_batch_starts(self) -> range:
+        global_batch = self.batch_size * self.world
+        n_used = self.n_items // global_batch * global_batch  # a partial global batch is dropped
+        return range(self.start, n_used, global_batch)
+
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         order = torch.randperm(self.n_items, generator=generator).tolist()
-        return iter(order[self.start:])
+        if self.world == 1 and self.batch_size == 1:
+            return iter(order[self.start :])
+        lo, hi = self.rank * self.batch_size, (self.rank + 1) * self.batch_size
+        starts = self._global_batch_starts()
+        return iter([index for start in starts for index in order[start + lo : start + hi]])
 
     def __len__(self) -> int:
-        return self.n_items - self.start
+        if self.world == 1 and self.batch_size == 1:
+            return self.n_items - self.start
+        return len(self._global_batch_starts()) * self.batch_size
 
 
-def build_backbone_for(config: PretrainConfig, drop_path_rate: float) -> ObjViT:
+def build_backbone_for(
+    config: PretrainConfig, drop_path_rate: float, grad_checkpointing: bool = False
+) -> ObjViT:
     depth = {} if config.depth is None else {"depth": config.depth}
     return ObjViT(
         config.arch,
         img_size=config.global_size,
         patch_size=config.patch_size,
         drop_path_rate=drop_path_rate,
+        attention_impl=config.attention_impl,
+        grad_checkpointing=grad_checkpointing,
         **depth,
     )
 
 
 def build_network(config: PretrainConfig, student: bool = True) -> DistillationNetwork:
-    backbone = build_backbone_for(config, config.drop_path if student else 0.0)
+    backbone = build_backbone_for(
+        config,
+        config.drop_path if student else 0.0,
+        grad_checkpointing=student and config.grad_checkpointing,
+    )
     head = IBOTHead(
         backbone.embed_dim,
         out_dim=config.out_dim,
@@ -183,17 +246,26 @@ def make_dataset(config: PretrainConfig, store: MaskStore, images_root: Path) ->
 
 
 class Trainer:
-    """Student, teacher, loss, optimizer and schedules of one run."""
+    """Student, teacher, loss, optimizer and schedules of one run (one rank of it)."""
 
     def __init__(self, config: PretrainConfig, iters_per_epoch: int, device: str) -> None:
         self.config = config
         self.device = device
         self.iters_per_epoch = iters_per_epoch
         self.total_steps = config.epochs * iters_per_epoch
-        torch.manual_seed(config.seed)
+        torch.manual_seed(config.seed)  # the same initial weights on every rank
         self.student = build_network(config, student=True).to(device)
         self.teacher = make_teacher(self.student).to(device)
         self.teacher.eval()  # no drop-path in the teacher
+        if distributed.world_size() > 1:
+            # Ranks draw different drop-path masks (as iBOT seeds each rank with seed + rank).
+            torch.manual_seed(config.seed + distributed.rank())
+        # DDP wraps the whole multi-crop step; checkpoints save the unwrapped network.
+        self.student_step: nn.Module = distributed.wrap_ddp(MultiCropStudent(self.student), device)
+        self.teacher_step: nn.Module = self.teacher
+        if config.compile:
+            self.student_step = torch.compile(self.student_step)
+            self.teacher_step = torch.compile(self.teacher)
         self.loss = IBOTLoss(
             out_dim=config.out_dim,
             patch_out_dim=config.out_dim,
@@ -212,9 +284,12 @@ class Trainer:
             lambda_mim=config.lambda_mim,
         ).to(device)
         self.optimizer = torch.optim.AdamW(param_groups(self.student))
-        total_batch = config.batch_size * world_size()
+        total_batch = config.batch_size * distributed.world_size()
         self.lr_schedule = cosine_schedule(
-            config.lr * total_batch / 256.0, config.min_lr, config.epochs, iters_per_epoch,
+            config.lr * total_batch / 256.0,
+            config.min_lr,
+            config.epochs,
+            iters_per_epoch,
             warmup_epochs=config.warmup_epochs,
         )
         self.wd_schedule = cosine_schedule(
@@ -226,7 +301,8 @@ class Trainer:
         self.step = 0
 
     def state(self) -> dict[str, Any]:
-        rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        """Everything to resume exactly; collective under DDP (every rank must call it)."""
+        rng: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         return {
@@ -238,18 +314,48 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "loss": self.loss.state_dict(),
             "rng": rng,
+            # Drop-path draws differ per rank: each rank's stream is kept for an exact resume.
+            "rng_per_rank": distributed.gather_objects(rng),
+            "world_size": distributed.world_size(),
+            # DDP keeps ranks bitwise identical; a differing fingerprint shows a rank drifted.
+            "rank_fingerprints": distributed.gather_objects(
+                [weights_fingerprint(self.student), weights_fingerprint(self.teacher)]
+            ),
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
-        self.student.load_state_dict(state["student"])
-        self.teacher.load_state_dict(state["teacher"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.loss.load_state_dict(state["loss"])
+        source = state.get("path", "checkpoint")
+        saved_world = int(state.get("world_size", 1))
+        if saved_world != distributed.world_size():
+            # The global batch, the rank shards and the step -> (epoch, batch) mapping all
+            # depend on the number of processes: another count would not resume this run.
+            raise CheckpointError(
+                f"{source}: written by {saved_world} process(es); resume it with the same "
+                f"number (now {distributed.world_size()})"
+            )
+        for name, module in (
+            ("student", self.student),
+            ("teacher", self.teacher),
+            ("loss", self.loss),
+        ):
+            load_strict(module, state[name], f"{source} ({name})")
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError) as error:
+            raise CheckpointError(f"{source}: optimizer state does not match ({error})") from None
         self.step = int(state["step"])
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(_as_python_rng_state(state["rng"]["python"]))
-        if "cuda" in state["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        rng = state["rng"]
+        per_rank = state.get("rng_per_rank") or []
+        if len(per_rank) == distributed.world_size():
+            rng = per_rank[distributed.rank()]
+        elif distributed.world_size() > 1:  # another world size: fresh per-rank streams
+            rng = None
+            torch.manual_seed(self.config.seed + 7919 * self.step + distributed.rank())
+        if rng is not None:
+            torch.set_rng_state(rng["torch"])
+            random.setstate(_as_python_rng_state(rng["python"]))
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
 
     def train_step(self, batch: CropBatch) -> dict[str, float]:
         config, step = self.config, self.step
@@ -264,26 +370,29 @@ class Trainer:
         use_bf16 = self.device.startswith("cuda")
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
             with torch.no_grad():
-                teacher_obj, teacher_patch = self.teacher(
+                teacher_obj, teacher_patch = self.teacher_step(
                     batch.global_crops, batch.global_patch_masks
                 )
-            student_obj, student_patch = self.student(
-                batch.global_crops, batch.global_patch_masks, mim_mask=batch.mim_masks
+            student_obj, student_patch, student_local_obj = self.student_step(
+                batch.global_crops,
+                batch.global_patch_masks,
+                batch.mim_masks,
+                batch.local_crops,
+                batch.local_patch_masks,
             )
-            student_local_obj = None
-            if batch.local_crops is not None:
-                student_local_obj, _ = self.student(
-                    batch.local_crops, batch.local_patch_masks, with_patches=False
-                )
             terms = self.loss(
-                student_obj, student_local_obj, student_patch, teacher_obj, teacher_patch,
-                batch.mim_masks, epoch,
+                student_obj,
+                student_local_obj,
+                student_patch,
+                teacher_obj,
+                teacher_patch,
+                batch.mim_masks,
+                epoch,
             )
-        if not math.isfinite(terms.total.item()):
-            raise NonFiniteLossError(
-                f"loss is {terms.total.item()} at step {step + 1}; stopped, the last "
-                "checkpoint on disk is intact"
-            )
+        values = terms.as_floats()  # the step's one device-to-host sync before backward
+        total = values["loss"]
+        if not distributed.all_true(math.isfinite(total), self.device):
+            raise NonFiniteLossError(f"loss is {total} at step {step + 1}", step + 1)
         self.optimizer.zero_grad(set_to_none=True)
         terms.total.backward()
         grad_norm = clip_gradients_per_parameter(self.student, config.clip_grad)
@@ -294,8 +403,7 @@ class Trainer:
         self.step += 1
         temp, _ = self.loss.teacher_temperatures(epoch)
         return {
-            **terms.as_floats(),
-            "teacher_entropy": terms.teacher_entropy,
+            **values,
             "lr": float(self.lr_schedule[step]),
             "wd": float(self.wd_schedule[step]),
             "momentum": momentum,
@@ -305,7 +413,20 @@ class Trainer:
 
 
 def world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return distributed.world_size()
+
+
+@torch.no_grad()
+def weights_fingerprint(module: nn.Module) -> list[float]:
+    """[sum, sum of squares, index-weighted sum] of all parameters in float64: cheap on the
+    device, and any difference between two ranks' weights changes it."""
+    total, squares, weighted = 0.0, 0.0, 0.0
+    for index, parameter in enumerate(module.parameters(), start=1):
+        values = parameter.detach().double()
+        total += values.sum().item()
+        squares += values.square().sum().item()
+        weighted += index * values.sum().item()
+    return [total, squares, weighted]
 
 
 def _as_python_rng_state(state: Any) -> tuple:
@@ -314,15 +435,25 @@ def _as_python_rng_state(state: Any) -> tuple:
     return (version, tuple(internal), gauss)
 
 
+def set_determinism(enabled: bool) -> None:
+    """Bitwise-repeatable kernels (slower on GPU); CPU runs are repeatable without it."""
+    if not enabled:
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it to comply
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+
+
 def pretrain(
     config: PretrainConfig,
     images_root: Path | str,
     store: MaskStore,
     out_dir: Path | str,
     resume: bool = False,
-) -> Iterator[RunStarted | StepDone | CheckpointSaved | RunFinished]:
-    """Run (or resume) pretraining, yielding events; writes into `out_dir`:
-    config.json (resolved), checkpoint.pt (latest, atomic), metrics.jsonl, report.json."""
+) -> Iterator[RunStarted | StepDone | CollapseWarning | CheckpointSaved | RunFinished]:
+    """Run (or resume) pretraining, yielding events; writes into `out_dir` (rank 0 only):
+    config.json (resolved), checkpoint.pt (latest, atomic), metrics.jsonl, tensorboard/,
+    report.json. Under torchrun it joins the process group and trains with DDP."""
     out_dir, images_root = Path(out_dir), Path(images_root)
     checkpoint_path = out_dir / CHECKPOINT_NAME
     state = None
@@ -335,34 +466,63 @@ def pretrain(
             saved, **{name: getattr(config, name) for name in RUN_CONTROL_FIELDS}
         )
     config = config.resolved()
-    device = resolve_device(config.device)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    joined_here = distributed.launched_by_torchrun() and not distributed.is_initialized()
+    device = distributed.init_from_environment(resolve_device(config.device))
+    try:
+        yield from _run(config, images_root, store, out_dir, state, device)
+    finally:
+        if joined_here:  # a process group the caller created stays theirs
+            distributed.shutdown()
+
+
+def _run(
+    config: PretrainConfig,
+    images_root: Path,
+    store: MaskStore,
+    out_dir: Path,
+    state: dict[str, Any] | None,
+    device: str,
+) -> Iterator[RunStarted | StepDone | CollapseWarning | CheckpointSaved | RunFinished]:
+    set_determinism(config.deterministic)
+    checkpoint_path = out_dir / CHECKPOINT_NAME
+    main, world = distributed.is_main_process(), distributed.world_size()
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
 
     dataset = make_dataset(config, store, images_root)
-    iters_per_epoch = len(dataset) // config.batch_size
+    global_batch = config.batch_size * world
+    iters_per_epoch = len(dataset) // global_batch
     if iters_per_epoch < 1:
         raise ValueError(
-            f"batch size {config.batch_size} is larger than the {len(dataset)} images in the store"
+            f"global batch {global_batch} ({config.batch_size} x {world} processes) is larger "
+            f"than the {len(dataset)} images in the store"
         )
     trainer = Trainer(config, iters_per_epoch, device)
     if state is not None:
         trainer.load_state(state)
-    (out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    last_saved_step = trainer.step if state is not None else None
+    if main:
+        (out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
 
     total_steps = trainer.total_steps
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
     yield RunStarted(config, total_steps, trainer.step, iters_per_epoch, len(dataset), device)
 
-    sampler = EpochSampler(len(dataset), config.seed)
+    sampler = EpochSampler(len(dataset), config.seed, config.batch_size, distributed.rank(), world)
+    collapse = CollapseWatch(
+        config.out_dim, config.collapse_entropy_ratio, config.collapse_patience
+    )
     counts = {"images_skipped": 0, "whole_image_fallbacks": 0, "crop_fallbacks": 0, "images": 0}
     started = time.perf_counter()
     start_step = trainer.step
-    with open(out_dir / "metrics.jsonl", "a", encoding="utf-8") as metrics_file:
+    data_seconds = 0.0
+    log = RunLog(out_dir, trainer.step, tensorboard=config.tensorboard) if main else None
+    try:
         while trainer.step < total_steps:
             epoch, offset = divmod(trainer.step, iters_per_epoch)
             dataset.set_epoch(epoch)
-            sampler.set_position(epoch, offset * config.batch_size)
+            sampler.set_position(epoch, offset * global_batch)
             loader = DataLoader(
                 dataset,
                 batch_size=config.batch_size,
@@ -372,27 +532,70 @@ def pretrain(
                 drop_last=True,
                 pin_memory=device.startswith("cuda"),
                 persistent_workers=False,
+                # Its own generator: a loader left to draw its base seed from the global RNG
+                # would shift the drop-path stream at every (re)start and break exact resume.
+                generator=torch.Generator().manual_seed(config.seed),
             )
+            waited_from = time.perf_counter()
             for batch in loader:
+                step_started = time.perf_counter()
+                data_wait = step_started - waited_from
+                data_seconds += data_wait
                 counts["images_skipped"] += batch.n_skipped
                 counts["whole_image_fallbacks"] += batch.n_whole_image_fallback
                 counts["crop_fallbacks"] += batch.n_crop_failures
-                if len(batch.indices) == 0:
-                    trainer.step += 1  # every image of the batch was unreadable
+                # Every image of a batch unreadable: skip the step on every rank together
+                # (a rank stepping alone would wait forever in the gradient all-reduce).
+                if not distributed.all_true(len(batch.indices) > 0, device):
+                    trainer.step += 1
+                    if trainer.step >= total_steps:
+                        break
+                    waited_from = time.perf_counter()
                     continue
                 counts["images"] += len(batch.indices)
-                metrics = trainer.train_step(batch)
-                metrics_file.write(json.dumps({"step": trainer.step, "epoch": epoch, **metrics}))
-                metrics_file.write("\n")
+                try:
+                    metrics = trainer.train_step(batch)
+                except NonFiniteLossError as error:
+                    kept = (
+                        f"the checkpoint of step {last_saved_step} ({checkpoint_path}) is intact"
+                        if last_saved_step is not None
+                        else "no checkpoint was written"
+                    )
+                    raise NonFiniteLossError(f"{error}; stopped, {kept}", error.step) from None
+                step_seconds = time.perf_counter() - waited_from
+                metrics["images_per_second"] = len(batch.indices) * world / max(step_seconds, 1e-9)
+                metrics["data_wait_share"] = data_wait / max(step_seconds, 1e-9)
+                record = {"step": trainer.step, "epoch": epoch, **metrics}
+                warn = collapse.update(metrics["teacher_entropy"])
+                if warn:
+                    record["warning"] = "collapse"
+                if log is not None:
+                    log.write(record)
                 yield StepDone(trainer.step, total_steps, epoch, metrics)
+                if warn:
+                    yield CollapseWarning(
+                        trainer.step,
+                        metrics["teacher_entropy"],
+                        collapse.max_entropy,
+                        f"teacher [OBJ] entropy {metrics['teacher_entropy']:.3f} has stayed near "
+                        f"ln(out_dim) = {collapse.max_entropy:.3f} for {collapse.patience} steps: "
+                        "the teacher output is near uniform (collapse)",
+                    )
                 end_of_epoch = trainer.step % iters_per_epoch == 0
                 periodic = config.save_every and trainer.step % config.save_every == 0
                 if end_of_epoch or periodic or trainer.step == total_steps:
-                    metrics_file.flush()
-                    save_checkpoint(checkpoint_path, trainer.state())
+                    checkpoint_state = trainer.state()  # collective: every rank takes part
+                    if log is not None:
+                        log.flush()
+                        _save(checkpoint_path, checkpoint_state)
+                    last_saved_step = trainer.step
                     yield CheckpointSaved(trainer.step, checkpoint_path)
                 if trainer.step >= total_steps:
                     break
+                waited_from = time.perf_counter()
+    finally:
+        if log is not None:
+            log.close()
 
     elapsed = time.perf_counter() - started
     report = {
@@ -400,8 +603,23 @@ def pretrain(
         "steps": trainer.step,
         "steps_this_run": trainer.step - start_step,
         "seconds": round(elapsed, 2),
-        "images_per_second": round(counts["images"] / elapsed, 2) if elapsed > 0 else None,
+        "images_per_second": round(counts["images"] * world / elapsed, 2) if elapsed > 0 else None,
+        "data_wait_share": round(data_seconds / elapsed, 4) if elapsed > 0 else None,
+        "processes": world,
         "device": device,
     }
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    if main:
+        (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     yield RunFinished(trainer.step, report)
+
+
+def _save(path: Path, state: dict[str, Any]) -> None:
+    try:
+        save_checkpoint(path, state)
+    except OSError as error:
+        # Disk full, read-only or vanished directory: atomic_write left the previous
+        # checkpoint untouched; say so in one line.
+        reason = error.strerror or str(error)
+        raise CheckpointError(
+            f"{path}: cannot write checkpoint ({reason}); the previous checkpoint is intact"
+        ) from None

@@ -1,0 +1,496 @@
+"""Pretraining speed: our ODIS step vs. our image (iBOT) step vs. a plain timm step.
+
+    python benchmarks/bench_pretrain.py --quick                 # CPU, seconds
+    python benchmarks/bench_pretrain.py --arch vit_small --batch-size 128 --compile
+    python benchmarks/bench_pretrain.py --arch vit_base --batch-size 64 --data --workers 16
+
+One run, one device, random tensors of iBOT's multi-crop shapes (2 global + L local crops):
+- "odis (split attn)": `Trainer.train_step`, masked [OBJ] attention on the default path;
+- "odis (dense mask)": the same with one SDPA over a (B, 1, 1+N, 1+N) mask;
+- "image (iBOT)": `--objective image`, no mask (the ODIS target is >= 95 % of this);
+- "plain timm": timm's ViT with an iBOT-shaped step written out here (shared head on every
+  token, soft cross-entropy, AdamW, EMA), no odis code at all.
+FLOPs per step are counted by `torch.utils.flop_counter.FlopCounterMode` on one step (not
+estimated); TFLOP/s = FLOPs / step time; MFU = TFLOP/s / the device's dense bf16 peak
+(known GPUs or `--peak-tflops`). `--data` also runs the real loader (synthetic scenes,
+object-aware crops) through `odis_core.train.loop.pretrain` and reports the share of step
+time spent waiting for data. A second table times attention alone (forward + backward).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import resource
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.table import Table
+from torch.utils.flop_counter import FlopCounterMode
+
+from odis_core.crops.dataset import CropBatch
+from odis_core.model.heads import IBOTHead
+from odis_core.model.obj_vit import resolve_arch
+from odis_core.train.config import PretrainConfig
+from odis_core.train.loop import Trainer
+
+# Dense bf16 tensor-core peaks (TFLOP/s) from NVIDIA's datasheets; MFU uses them.
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
+
+console = Console(width=None if sys.stdout.isatty() else 130)  # full tables in logs
+
+
+def device_peak_tflops(device: str, override: float | None) -> float | None:
+    if override is not None:
+        return override
+    if not device.startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name()
+    return next((peak for key, peak in PEAK_BF16_TFLOPS.items() if key in name), None)
+
+
+def random_batch(config: PretrainConfig, device: str, seed: int = 0) -> CropBatch:
+    """A CropBatch of iBOT's shapes with random object masks (~half the patches inside)."""
+    g = torch.Generator().manual_seed(seed)
+    b, grid_g, grid_l = config.batch_size, config.global_size // config.patch_size, None
+    grid_l = config.local_size // config.patch_size
+    n_g, n_l = grid_g * grid_g, grid_l * grid_l
+
+    def object_masks(rows: int, n: int) -> torch.Tensor:
+        masks = torch.rand(rows, n, generator=g) > 0.5
+        masks[:, 0] = True
+        return masks
+
+    locals_ = config.n_local_crops
+    return CropBatch(
+        global_crops=torch.randn(2 * b, 3, config.global_size, config.global_size, generator=g),
+        local_crops=torch.randn(locals_ * b, 3, config.local_size, config.local_size, generator=g)
+        if locals_
+        else None,
+        global_patch_masks=object_masks(2 * b, n_g),
+        local_patch_masks=object_masks(locals_ * b, n_l) if locals_ else None,
+        mim_masks=torch.rand(2 * b, n_g, generator=g) > 0.7,
+        indices=torch.arange(b),
+        n_skipped=0,
+        n_whole_image_fallback=0,
+        n_crop_failures=0,
+    ).to(device)
+
+
+def trainer_step(config: PretrainConfig, device: str, steps: int) -> Callable[[], None]:
+    trainer = Trainer(config.resolved(), iters_per_epoch=steps + 100, device=device)
+    batch = random_batch(config, device)
+    return lambda: trainer.train_step(batch)
+
+
+def plain_timm_step(config: PretrainConfig, device: str) -> Callable[[], None]:
+    """timm ViT, iBOT-shaped: student on all crops, teacher on the globals, one shared head
+    on every token, soft cross-entropy, per-step AdamW and EMA, bf16 autocast on GPU."""
+    import timm
+
+    kwargs = dict(
+        num_classes=0,
+        img_size=config.global_size,
+        patch_size=config.patch_size,
+        dynamic_img_size=True,
+        drop_path_rate=config.drop_path,
+    )
+    if config.depth is not None:
+        kwargs["depth"] = config.depth
+    student = timm.create_model(resolve_arch(config.arch), **kwargs).to(device)
+    teacher = timm.create_model(resolve_arch(config.arch), **{**kwargs, "drop_path_rate": 0.0})
+    teacher = teacher.to(device).eval().requires_grad_(False)
+    head = IBOTHead(
+        student.embed_dim, config.out_dim, config.head_hidden_dim, config.head_bottleneck_dim
+    ).to(device)
+    teacher_head = (
+        IBOTHead(
+            student.embed_dim, config.out_dim, config.head_hidden_dim, config.head_bottleneck_dim
+        )
+        .to(device)
+        .requires_grad_(False)
+    )
+    params = list(student.parameters()) + list(head.parameters())
+    ema_pairs = list(
+        zip(list(teacher.parameters()) + list(teacher_head.parameters()), params, strict=True)
+    )
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    batch = random_batch(config, device)
+    use_bf16 = device.startswith("cuda")
+
+    def step() -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
+            with torch.no_grad():
+                target = F.softmax(teacher_head(teacher.forward_features(batch.global_crops)), -1)
+            logits = head(student.forward_features(batch.global_crops))
+            loss = -(target * F.log_softmax(logits.float() / 0.1, -1)).sum(-1).mean()
+            if batch.local_crops is not None:
+                local_cls = head(student.forward_features(batch.local_crops)[:, 0])
+                cls_target = target[:, 0].repeat(config.n_local_crops // 2 + 1, 1)
+                cls_target = cls_target[: len(local_cls)]
+                local_log_probs = F.log_softmax(local_cls.float() / 0.1, -1)
+                loss = loss - (cls_target * local_log_probs).sum(-1).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            teachers, students = zip(*ema_pairs, strict=True)
+            torch._foreach_mul_(teachers, 0.996)
+            torch._foreach_add_(teachers, students, alpha=0.004)
+        loss.item()
+
+    return step
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_step(step: Callable[[], None], device: str, warmup: int, steps: int) -> dict:
+    for _ in range(warmup):
+        step()
+    with FlopCounterMode(display=False) as counter:
+        step()
+    flops = counter.get_total_flops()
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    sync(device)
+    started = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync(device)
+    seconds = (time.perf_counter() - started) / steps
+    if device.startswith("cuda"):
+        peak_memory = torch.cuda.max_memory_allocated() / 2**30
+    else:  # CPU: the process's peak resident set so far (grows monotonically)
+        peak_memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return {
+        "step_ms": 1000 * seconds,
+        "flops": flops,
+        "peak_gib": peak_memory,
+        "tflops": flops / seconds / 1e12,
+    }
+
+
+def attention_timings(
+    config: PretrainConfig, device: str, batch: int, steps: int, rounds: int = 1
+) -> tuple[list, tuple]:
+    """Forward + backward of attention alone at the model's global-crop shape; the median
+    over `rounds` interleaved rounds of all kernels."""
+    from odis_core.model.obj_attention import (
+        obj_attention_mask,
+        obj_row_attention,
+        obj_row_mask,
+    )
+    from odis_core.model.obj_vit import ObjViT
+
+    probe = ObjViT(
+        config.arch,
+        img_size=config.global_size,
+        patch_size=config.patch_size,
+        depth=1,
+        drop_path_rate=0.0,
+    )
+    heads = probe.vit.blocks[0].attn.num_heads
+    head_dim = probe.vit.blocks[0].attn.head_dim
+    n = (config.global_size // config.patch_size) ** 2
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    q, k, v = (
+        torch.randn(batch, heads, 1 + n, head_dim, device=device, dtype=dtype, requires_grad=True)
+        for _ in range(3)
+    )
+    obj_mask = torch.rand(batch, n, device=device) > 0.5
+    dense_mask, row_mask = obj_attention_mask(obj_mask), obj_row_mask(obj_mask)
+
+    def unmasked():
+        return F.scaled_dot_product_attention(q, k, v)
+
+    def dense():
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask)
+
+    def split_sdpa_row():
+        rows = F.scaled_dot_product_attention(q, k, v)
+        obj = F.scaled_dot_product_attention(q[:, :, :1], k, v, attn_mask=row_mask)
+        return torch.cat([obj.transpose(1, 2), rows.transpose(1, 2)[:, 1:]], dim=1)
+
+    def reshaped(fn):  # every variant ends in the (B, T, H, d) layout timm reshapes from
+        return lambda: fn().transpose(1, 2).contiguous()
+
+    def split():  # the default path of odis_core.model.obj_attention
+        rows = F.scaled_dot_product_attention(q, k, v)
+        obj = obj_row_attention(q[:, :, :1], k, v, row_mask, head_dim**-0.5)
+        return torch.cat([obj.transpose(1, 2), rows.transpose(1, 2)[:, 1:]], dim=1)
+
+    kernels = (
+        ("unmasked SDPA", reshaped(unmasked)),
+        ("dense (B,1,N,N) mask", reshaped(dense)),
+        ("split, [OBJ] row by a 2nd SDPA", split_sdpa_row),
+        ("split, [OBJ] row written out (odis)", split),
+    )
+    grad = torch.randn(batch, 1 + n, heads, head_dim, device=device, dtype=dtype)  # (B, T, H, d)
+    timings: dict[str, list[float]] = {name: [] for name, _ in kernels}
+    for _ in range(rounds):
+        for name, fn in kernels:
+            for _ in range(3):
+                fn().backward(grad)
+            sync(device)
+            started = time.perf_counter()
+            for _ in range(steps):
+                fn().backward(grad)
+            sync(device)
+            timings[name].append(1000 * (time.perf_counter() - started) / steps)
+    results = [(name, sorted(ms)[len(ms) // 2]) for name, ms in timings.items()]
+    return [(name, ms, ms / results[0][1]) for name, ms in results], (batch, heads, 1 + n, head_dim)
+
+
+def data_pipeline(
+    config: PretrainConfig, device: str, steps: int, workers: int, loader_only: bool = False
+) -> dict:
+    """The real pipeline on synthetic scenes: images/s and the share of time waiting for data
+    (skipped with `loader_only`), and the loader's own throughput."""
+    from odis_core.masks.coco import import_coco
+    from odis_core.scenes.synthetic import SceneConfig, generate_scenes
+    from odis_core.train.loop import RunFinished, pretrain
+
+    with tempfile.TemporaryDirectory() as tmp:
+        n_images = config.batch_size * (steps + 2)
+        splits = generate_scenes(
+            Path(tmp) / "scenes",
+            n_images,
+            1,
+            seed=0,
+            config=SceneConfig(image_size=max(config.global_size, 64) * 2),
+        )
+        store, _ = import_coco(
+            splits["train"].annotations, Path(tmp) / "masks", images_root=splits["train"].images_dir
+        )
+        run_config = dataclasses.replace(
+            config,
+            device=device,
+            workers=workers,
+            max_steps=steps,
+            epochs=1,
+            warmup_epochs=0,
+            tensorboard=False,
+        )
+        report: dict = {
+            "images_per_second": float("nan"),
+            "data_wait_share": float("nan"),
+            "crop_fallbacks": "n/a",
+            "steps": 0,
+        }
+        run = (
+            ()
+            if loader_only
+            else pretrain(run_config, splits["train"].images_dir, store, Path(tmp) / "run")
+        )
+        for event in run:
+            if isinstance(event, RunFinished):
+                report = dict(event.report)
+        report["loader_only_images_per_second"] = loader_throughput(
+            run_config, splits["train"].images_dir, store, workers
+        )
+        return report
+
+
+def loader_throughput(config: PretrainConfig, images_root: Path, store, workers: int) -> float:
+    """Images/s of the loader alone (decode, object-aware crops, photometric, MIM masks,
+    collate), no model: what the CPU side can feed with `workers` processes."""
+    from torch.utils.data import DataLoader
+
+    from odis_core.crops.dataset import collate_crops
+    from odis_core.train.loop import make_dataset
+
+    dataset = make_dataset(config.resolved(), store, images_root)
+    loader = DataLoader(
+        dataset, batch_size=config.batch_size, num_workers=workers, collate_fn=collate_crops
+    )
+    iterator = iter(loader)
+    next(iterator)  # worker start-up is not throughput
+    started, images = time.perf_counter(), 0
+    for batch in iterator:
+        images += len(batch)
+    seconds = time.perf_counter() - started
+    return images / seconds if seconds > 0 and images else float("nan")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny model and crops (CPU)")
+    parser.add_argument("--arch", default="vit_small")
+    parser.add_argument("--depth", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--global-size", type=int, default=224)
+    parser.add_argument("--local-size", type=int, default=96)
+    parser.add_argument("--n-local-crops", type=int, default=10)
+    parser.add_argument("--out-dim", type=int, default=8192)
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (20; --quick 3)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps (5; --quick 1)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--compile", action="store_true", help="torch.compile every step")
+    parser.add_argument("--grad-checkpointing", action="store_true")
+    parser.add_argument("--data", action="store_true", help="also time the real data loader")
+    parser.add_argument(
+        "--loader-only", action="store_true", help="only the loader's throughput, no model"
+    )
+    parser.add_argument("--workers", type=int, default=16)
+    parser.add_argument("--attn-batch", type=int, default=None, help="256; --quick 8")
+    parser.add_argument("--peak-tflops", type=float, default=None)
+    parser.add_argument("--json", type=Path, default=None, help="write the figures here")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--rounds", type=int, default=1, help="repeat all variants; median")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.quick:
+        args.arch, args.depth, args.batch_size = "vit_small", 2, 4
+        args.global_size, args.local_size, args.n_local_crops = 64, 32, 4
+        args.out_dim, args.workers = 1024, 0
+    quick_or_full = {"steps": (3, 20), "warmup": (1, 5), "attn_batch": (8, 256)}
+    for name, (quick, full) in quick_or_full.items():
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else full)
+    config = PretrainConfig(
+        arch=args.arch,
+        depth=args.depth,
+        batch_size=args.batch_size,
+        global_size=args.global_size,
+        local_size=args.local_size,
+        n_local_crops=args.n_local_crops,
+        out_dim=args.out_dim,
+        warmup_epochs=0,
+        epochs=1,
+        compile=args.compile,
+        grad_checkpointing=args.grad_checkpointing,
+        device=args.device,
+        min_patches_per_block=4 if args.quick else 16,
+    )
+    device = args.device
+    torch.backends.cuda.matmul.allow_tf32 = True
+    peak = device_peak_tflops(device, args.peak_tflops)
+    device_name = torch.cuda.get_device_name() if device.startswith("cuda") else "CPU"
+    images_per_step = args.batch_size
+
+    variants = {
+        "odis (split attn)": lambda: trainer_step(
+            dataclasses.replace(config, attention_impl="split"), device, args.steps
+        ),
+        "odis (dense mask)": lambda: trainer_step(
+            dataclasses.replace(config, attention_impl="dense"), device, args.steps
+        ),
+        "image (iBOT)": lambda: trainer_step(
+            dataclasses.replace(config, objective="image"), device, args.steps
+        ),
+        "plain timm": lambda: plain_timm_step(config, device),
+    }
+    if args.loader_only:
+        data = data_pipeline(config, device, args.steps, args.workers, loader_only=True)
+        console.print(
+            f"data loader alone, {args.workers} worker(s), batch {args.batch_size}, "
+            f"2x{args.global_size} + {args.n_local_crops}x{args.local_size} crops, "
+            f"{2 * max(args.global_size, 64)} px scenes: "
+            f"{data['loader_only_images_per_second']:.1f} img/s",
+            highlight=False,
+        )
+        return
+
+    # Rounds of all variants, median per variant: on a shared machine a slow spell then
+    # hits every variant alike instead of whichever ran during it.
+    runs: dict[str, list[dict]] = {name: [] for name in variants}
+    for _ in range(args.rounds):
+        for name, build in variants.items():
+            step = build()
+            if args.compile and name == "plain timm":
+                step = torch.compile(step)
+            runs[name].append(time_step(step, device, args.warmup, args.steps))
+            del step
+            if device.startswith("cuda"):
+                torch.cuda.empty_cache()
+    rows = {}
+    for name, measured in runs.items():
+        rows[name] = sorted(measured, key=lambda row: row["step_ms"])[len(measured) // 2]
+        rows[name]["img_s"] = images_per_step / (rows[name]["step_ms"] / 1000)
+        rows[name]["step_ms_all_rounds"] = [round(row["step_ms"], 2) for row in measured]
+
+    table = Table(
+        title=f"pretrain step, {args.arch}"
+        + (f" depth {args.depth}" if args.depth else "")
+        + f", batch {args.batch_size}, 2x{args.global_size} + "
+        f"{args.n_local_crops}x{args.local_size}, out_dim {args.out_dim}, "
+        f"{device_name}{', compiled' if args.compile else ''}, median of {args.rounds} round(s)"
+    )
+    for column in (
+        "step",
+        "img/s",
+        "step ms",
+        "vs image",
+        "GFLOP/img",
+        "TFLOP/s",
+        "MFU",
+        "peak mem GiB",
+    ):
+        table.add_column(column, justify="right" if column != "step" else "left")
+    base = rows["image (iBOT)"]["img_s"]
+    for name, row in rows.items():
+        mfu = f"{100 * row['tflops'] / peak:.1f} %" if peak else "n/a"
+        table.add_row(
+            name,
+            f"{row['img_s']:.1f}",
+            f"{row['step_ms']:.1f}",
+            f"{100 * row['img_s'] / base:.1f} %",
+            f"{row['flops'] / images_per_step / 1e9:.1f}",
+            f"{row['tflops']:.3f}",
+            mfu,
+            f"{row['peak_gib']:.2f}",
+        )
+    console.print(table)
+    if not device.startswith("cuda"):
+        console.print(
+            "CPU: peak mem is the process's peak RSS so far; MFU needs a known peak "
+            "(--peak-tflops)."
+        )
+
+    attention, shape = attention_timings(
+        config, device, args.attn_batch, max(args.steps, 5), args.rounds
+    )
+    attn_table = Table(title=f"attention fwd+bwd, (B, H, N, d) = {shape}, {device_name}")
+    for column in ("kernel", "ms", "vs unmasked"):
+        attn_table.add_column(column, justify="left" if column == "kernel" else "right")
+    for name, ms, ratio in attention:
+        attn_table.add_row(name, f"{ms:.3f}", f"{ratio:.2f}x")
+    console.print(attn_table)
+
+    report = {
+        "device": device_name,
+        "args": vars(args) | {"json": str(args.json)},
+        "steps": rows,
+        "attention": attention,
+    }
+    if args.data:
+        data = data_pipeline(config, device, args.steps, args.workers)
+        report["data"] = data
+        data_table = Table(title=f"real data pipeline, {args.workers} workers, {device_name}")
+        for column in ("img/s", "data wait share", "loader alone img/s", "crop fallbacks", "steps"):
+            data_table.add_column(column, justify="right")
+        data_table.add_row(
+            f"{data['images_per_second']:.1f}",
+            f"{100 * data['data_wait_share']:.1f} %",
+            f"{data['loader_only_images_per_second']:.1f}",
+            str(data["crop_fallbacks"]),
+            str(data["steps"]),
+        )
+        console.print(data_table)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2, default=str) + "\n")
+
+
+if __name__ == "__main__":
+    main()

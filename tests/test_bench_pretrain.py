@@ -1,0 +1,32 @@
+"""The pretraining benchmark runs on CPU at a tiny size and reports every figure."""
+
+import json
+import runpy
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_pretrain.py"
+
+
+def test_bench_pretrain_quick_runs_and_writes_all_figures(tmp_path, monkeypatch):
+    out = tmp_path / "bench.json"
+    monkeypatch.setattr(sys, "argv", [str(BENCH), "--quick", "--threads", "1", "--json", str(out)])
+    args = ["--steps", "1", "--warmup", "0"]
+    monkeypatch.setattr(sys, "argv", sys.argv + args)
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        runpy.run_path(str(BENCH), run_name="__main__")
+    finally:
+        torch.set_num_threads(threads)
+    report = json.loads(out.read_text())
+    assert set(report["steps"]) == {
+        "odis (split attn)",
+        "odis (dense mask)",
+        "image (iBOT)",
+        "plain timm",
+    }
+    for row in report["steps"].values():
+        assert row["flops"] > 0 and row["step_ms"] > 0 and row["img_s"] > 0
+    assert [name for name, *_ in report["attention"]][0] == "unmasked SDPA"
