@@ -179,3 +179,21 @@ def read_features(path: Path | str) -> FeatureSet:
                               f"{FEATURES_FILE}, {len(labels)} in {LABELS_FILE}, "
                               f"{len(meta)} in {META_FILE}")
     return FeatureSet(features, labels.astype(np.int64), meta, _load_info(path / INFO_FILE))
+
+
+# What must agree between a k-NN bank and its queries: features of two backbones (or of
+# objects vs whole images) share a dimension but not a space, and k-NN between them
+# returns numbers that look plausible and mean nothing.
+MATCHING_INFO_KEYS = ("backbone", "weights", "level")
+
+
+def check_same_embedding(train: FeatureSet, test: FeatureSet, train_path: Path | str,
+                         test_path: Path | str) -> None:
+    """Raise FeatureDirError when the two directories' info.json name a different backbone,
+    weights fingerprint or level (keys absent on either side are not compared)."""
+    for key in MATCHING_INFO_KEYS:
+        ours, theirs = train.info.get(key), test.info.get(key)
+        if ours is not None and theirs is not None and ours != theirs:
+            raise FeatureDirError(
+                f"{test_path}: {key} {theirs!r} differs from {train_path}'s {ours!r} "
+                "(features from different embeddings; --allow-mismatch to compare anyway)")

@@ -166,19 +166,44 @@ def embed(
     Without a store (image level only), every image under `images_root` is embedded with
     label -1; with one, the image's label is the category of its largest object.
     """
+    records = list_records(images_root, store, level, mode)
+    return embed_records(backbone, images_root, records, store, level, mode, image_size,
+                         batch_size, device, workers, progress)
+
+
+def list_records(
+    images_root: Path | str, store: MaskStore | None, level: str, mode: str
+) -> list[ImageRecord]:
+    """The images to embed, in a fixed order: the store's, or the folder's sorted listing.
+    Checks the level/mode/store combination first."""
     if level not in LEVELS:
         raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
     if level == "object" and mode not in OBJECT_MODES:
         raise ValueError(f"mode must be one of {OBJECT_MODES}, got {mode!r}")
     if level == "object" and store is None:
         raise ValueError("object-level features need a mask store (--masks)")
-    images_root = Path(images_root)
     if store is not None:
-        records = list(store.images)
-    else:
-        records = [ImageRecord(i, name, 0, 0) for i, name in enumerate(list_images(images_root))]
+        return list(store.images)
+    return [ImageRecord(i, name, 0, 0) for i, name in enumerate(list_images(images_root))]
+
+
+@torch.no_grad()
+def embed_records(
+    backbone: ObjViT,
+    images_root: Path | str,
+    records: list[ImageRecord],
+    store: MaskStore | None,
+    level: str = "object",
+    mode: str = "masked",
+    image_size: int = 224,
+    batch_size: int = 64,
+    device: str = "cpu",
+    workers: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+) -> EmbedResult:
+    """Features of the objects (or images) of `records`, in their order (see `embed`)."""
     dataset = _ObjectInputs(
-        images_root, records, store, level, mode, image_size, backbone.patch_size
+        Path(images_root), records, store, level, mode, image_size, backbone.patch_size
     )
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=_collate)
     backbone = backbone.to(device).eval()
