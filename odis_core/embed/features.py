@@ -116,11 +116,11 @@ def write_features(
         handle.write(info_text)
 
 
-def _load_array(path: Path) -> np.ndarray:
+def _load_array(path: Path, mmap: bool = False) -> np.ndarray:
     if not path.is_file():
         raise FeatureDirError(f"{path}: missing (not a feature directory written by odis embed?)")
     try:
-        return np.load(path, allow_pickle=False)
+        return np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
     except (OSError, ValueError) as error:
         raise FeatureDirError(f"{path}: not a readable .npy array ({error})") from None
 
@@ -160,12 +160,15 @@ def read_features(path: Path | str) -> FeatureSet:
     """Read a feature directory; raises FeatureDirError naming the file at fault.
 
     features.npy, labels.npy and meta.jsonl are required and must have one row each per
-    item; info.json is optional (empty dict when absent).
+    item; info.json is optional (empty dict when absent). `features` is a read-only
+    memory map of features.npy.
     """
     path = Path(path)
     if not path.is_dir():
         raise FeatureDirError(f"{path}: not a feature directory (no such directory)")
-    features = _load_array(path / FEATURES_FILE)
+    # Memory-mapped: k-NN normalises the bank into its own float32 copy, so reading the
+    # file into memory first would hold an ImageNet bank twice.
+    features = _load_array(path / FEATURES_FILE, mmap=True)
     labels = _load_array(path / LABELS_FILE)
     if features.ndim != 2 or features.dtype not in FEATURE_DTYPES:
         raise FeatureDirError(f"{path / FEATURES_FILE}: expected (N, D) float32 or float16, "

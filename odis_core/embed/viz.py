@@ -127,15 +127,15 @@ def write_viz(
     written = []
     for index, record in enumerate(records):
         item = inputs[index]
-        if "skipped" in item or not item["inputs"]:
+        if "skipped" in item or not item["masks"]:
             continue  # unreadable, or no object: nothing to draw
         try:
             picture = np.asarray(load_rgb(Path(images_root) / record.file_name)
                                  .resize((image_size, image_size), Image.Resampling.BICUBIC))
         except UnreadableImageError:
             continue
-        n_drawn = min(len(item["inputs"]), MAX_OBJECTS_DRAWN)
-        batch = torch.stack(item["inputs"][:n_drawn]).to(device)
+        n_drawn = min(len(item["masks"]), MAX_OBJECTS_DRAWN)
+        batch = torch.stack(item["images"])[torch.tensor(item["owner"][:n_drawn])].to(device)
         masks = torch.stack(item["masks"][:n_drawn]).to(device)
         attention, _ = obj_attention(backbone, batch, masks)
         maps = [row[1:].reshape(grid).float().cpu().numpy() for row in attention]

@@ -106,9 +106,12 @@ def _check_features(name: str, features: np.ndarray) -> np.ndarray:
         raise ValueError(f"{name} set is empty: nothing to evaluate")
     if not np.issubdtype(features.dtype, np.floating):
         raise ValueError(f"{name} features must be floating point, got {features.dtype}")
-    if not np.isfinite(features).all():
-        bad_row = int(np.flatnonzero(~np.isfinite(features).all(axis=1))[0])
-        raise ValueError(f"{name} features contain NaN or inf (first at row {bad_row})")
+    # Block by block: a (N, D) boolean temporary is 1 GB for an ImageNet bank.
+    for start in range(0, len(features), 65536):
+        block = features[start:start + 65536]
+        if not np.isfinite(block).all():
+            bad_row = start + int(np.flatnonzero(~np.isfinite(block).all(axis=1))[0])
+            raise ValueError(f"{name} features contain NaN or inf (first at row {bad_row})")
     return features
 
 
@@ -289,9 +292,10 @@ def weighted_knn(
 
     effective_k = {k: min(k, n_train) for k in ks}
     k_max = max(effective_k.values())
-    bank = l2_normalize(train_features[in_bank])
+    # Index with the mask only when it drops rows: each copy of an ImageNet bank is 3.9 GB.
+    bank = l2_normalize(train_features if in_bank.all() else train_features[in_bank])
     searcher = _searcher(bank, k_max, use_gpu, backend, device, ivf)
-    queries = l2_normalize(test_features[scored])
+    queries = l2_normalize(test_features if scored.all() else test_features[scored])
     top1_hits = {k: np.zeros(n_classes, np.int64) for k in ks}
     top5_hits = dict.fromkeys(ks, 0)
     confusion = np.zeros((n_classes, n_classes), np.int64)

@@ -131,6 +131,16 @@ class TorchSearch(NeighbourSearch):
 
     @torch.no_grad()
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        # Exact means float32 products: TF32 (which a training script may have switched on
+        # with set_float32_matmul_precision) would reorder close neighbours.
+        previous = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("highest")
+        try:
+            return self._search(queries, k)
+        finally:
+            torch.set_float32_matmul_precision(previous)
+
+    def _search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         query = torch.from_numpy(np.ascontiguousarray(queries)).to(self.device)
         block_rows = max(k, self.block_elements // max(1, len(query)))
         best_sim = best_idx = None
