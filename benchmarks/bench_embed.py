@@ -40,8 +40,10 @@ def make_folder(root: Path, n_images: int, objects_per_image: int, seed: int = 0
     y, x = np.mgrid[0:375, 0:500]
     for index in range(n_images):
         # Smooth colour fields plus noise: decodes like a photo, not like flat colour.
-        base = np.stack([(x * rng.uniform(0.2, 0.5) + y * rng.uniform(0.1, 0.4)) % 256
-                         for _ in range(3)], axis=-1)
+        base = np.stack(
+            [(x * rng.uniform(0.2, 0.5) + y * rng.uniform(0.1, 0.4)) % 256 for _ in range(3)],
+            axis=-1,
+        )
         pixels = (base + rng.normal(0, 12, base.shape)).clip(0, 255).astype(np.uint8)
         name = f"{index:05d}.jpg"
         Image.fromarray(pixels).save(images_dir / name, quality=90)
@@ -49,9 +51,16 @@ def make_folder(root: Path, n_images: int, objects_per_image: int, seed: int = 0
         for obj in range(objects_per_image):
             w, h = rng.uniform(60, 250), rng.uniform(60, 200)
             bx, by = rng.uniform(0, 500 - w), rng.uniform(0, 375 - h)
-            coco["annotations"].append({
-                "id": index * 100 + obj, "image_id": index, "category_id": 1, "iscrowd": 0,
-                "bbox": [bx, by, w, h], "area": w * h})
+            coco["annotations"].append(
+                {
+                    "id": index * 100 + obj,
+                    "image_id": index,
+                    "category_id": 1,
+                    "iscrowd": 0,
+                    "bbox": [bx, by, w, h],
+                    "area": w * h,
+                }
+            )
     (root / "coco.json").write_text(json.dumps(coco))
     store, _ = import_coco(root / "coco.json", root / "store", images_root=images_dir)
     return images_dir, store
@@ -63,8 +72,9 @@ def sync(device: str) -> None:
 
 
 @torch.no_grad()
-def model_rate(backbone: ObjViT, batch: int, size: int, masked: bool, iters: int,
-               device: str) -> float:
+def model_rate(
+    backbone: ObjViT, batch: int, size: int, masked: bool, iters: int, device: str
+) -> float:
     """Items per second of the backbone alone on random inputs."""
     images = torch.randn(batch, 3, size, size, device=device)
     n_patches = (size // backbone.patch_size) ** 2
@@ -85,8 +95,9 @@ def model_rate(backbone: ObjViT, batch: int, size: int, masked: bool, iters: int
 def pipeline_rate(images_dir, store, level, size, patch, batch, workers) -> float:
     """Images per second of decode + resize + normalise (+ object masks) alone."""
     dataset = _ObjectInputs(images_dir, list(store.images), store, level, "masked", size, patch)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, num_workers=workers,
-                                         collate_fn=_collate)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch, num_workers=workers, collate_fn=_collate
+    )
     start = time.perf_counter()
     for _ in loader:
         pass
@@ -109,40 +120,72 @@ def main() -> None:
         options.batch_size, options.n_images, options.iters = 8, 16, 2
     device, size = options.device, options.image_size
 
-    console = Console()
-    table = Table(title=f"embed throughput on {device} ({'bf16' if 'cuda' in device else 'fp32'}"
-                        f"), {size} px, batch {options.batch_size} images, "
-                        f"{options.objects_per_image} objects/image, {options.workers} workers")
-    for column in ("arch", "model img/s (image)", "model obj/s (masked)",
-                   "input img/s (image)", "input img/s (object)", "embed img/s (image)",
-                   "embed obj/s (masked)", "bottleneck"):
+    console = Console(width=160)
+    table = Table(
+        title=f"embed throughput on {device} ({'bf16' if 'cuda' in device else 'fp32'}"
+        f"), {size} px, batch {options.batch_size} images, "
+        f"{options.objects_per_image} objects/image, {options.workers} workers"
+    )
+    for column in (
+        "arch",
+        "model img/s (image)",
+        "model obj/s (masked)",
+        "input img/s (image)",
+        "input img/s (object)",
+        "embed img/s (image)",
+        "embed obj/s (masked)",
+        "bottleneck",
+    ):
         table.add_column(column, justify="right")
     with tempfile.TemporaryDirectory() as tmp:
         images_dir, store = make_folder(Path(tmp), options.n_images, options.objects_per_image)
         n_objects = len(store.objects)
         for arch in options.archs.split(","):
             backbone = ObjViT(arch, img_size=size, drop_path_rate=0.0).to(device).eval()
-            model_images = model_rate(backbone, options.batch_size, size, False, options.iters,
-                                      device)
-            model_objects = model_rate(backbone, options.batch_size * options.objects_per_image,
-                                       size, True, options.iters, device)
+            model_images = model_rate(
+                backbone, options.batch_size, size, False, options.iters, device
+            )
+            model_objects = model_rate(
+                backbone,
+                options.batch_size * options.objects_per_image,
+                size,
+                True,
+                options.iters,
+                device,
+            )
             patch = backbone.patch_size
-            input_image = pipeline_rate(images_dir, store, "image", size, patch,
-                                        options.batch_size, options.workers)
-            input_object = pipeline_rate(images_dir, store, "object", size, patch,
-                                         options.batch_size, options.workers)
+            input_image = pipeline_rate(
+                images_dir, store, "image", size, patch, options.batch_size, options.workers
+            )
+            input_object = pipeline_rate(
+                images_dir, store, "object", size, patch, options.batch_size, options.workers
+            )
             rates = {}
             for level in ("image", "object"):
                 start = time.perf_counter()
-                embed(backbone, images_dir, store, level=level, image_size=size,
-                      batch_size=options.batch_size, device=device, workers=options.workers)
+                embed(
+                    backbone,
+                    images_dir,
+                    store,
+                    level=level,
+                    image_size=size,
+                    batch_size=options.batch_size,
+                    device=device,
+                    workers=options.workers,
+                )
                 sync(device)
                 rates[level] = time.perf_counter() - start
             bottleneck = "input" if input_image < model_images else "model"
-            table.add_row(arch, f"{model_images:,.1f}", f"{model_objects:,.1f}",
-                          f"{input_image:,.1f}", f"{input_object:,.1f}",
-                          f"{options.n_images / rates['image']:,.1f}",
-                          f"{n_objects / rates['object']:,.1f}", bottleneck)
+            table.add_row(
+                arch,
+                f"{model_images:,.1f}",
+                f"{model_objects:,.1f}",
+                f"{input_image:,.1f}",
+                f"{input_object:,.1f}",
+                f"{options.n_images / rates['image']:,.1f}",
+                f"{n_objects / rates['object']:,.1f}",
+                bottleneck,
+            )
     console.print(table)
 
 

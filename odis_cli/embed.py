@@ -60,10 +60,12 @@ def embed(
         EmbedFinished,
         EmbedSettings,
         ShardDone,
+        close_distributed,
         distributed_rank,
         embed_to_directory,
         init_distributed,
         rank_device,
+        records_fingerprint,
     )
     from odis_core.masks.store import read_store
     from odis_core.train.loop import resolve_device
@@ -88,7 +90,7 @@ def embed(
         barrier = init_distributed(device)
         size = image_size or loaded.image_size
         settings = EmbedSettings(level, mode if level == "object" else "cls", size, shard_size,
-                                 dtype, weights, len(records))
+                                 dtype, weights, len(records), records_fingerprint(records))
         info = {"backbone": loaded.name, "checkpoint": str(checkpoint), "level": level,
                 "mode": settings.mode, "random_init": random_init, "weights": weights,
                 "source": loaded.source}
@@ -96,13 +98,17 @@ def embed(
                                     batch_size=batch_size, device=device, workers=workers,
                                     rank=rank, world_size=world_size, barrier=barrier)
         finished = None
-        with make_progress() as progress:
-            task = progress.add_task(f"embedding ({level}, {settings.mode})", total=None)
-            for event in events:
-                if isinstance(event, ShardDone):
-                    progress.update(task, total=event.n_shards, advance=world_size)
-                elif isinstance(event, EmbedFinished):
-                    finished = event
+        try:
+            with make_progress() as progress:
+                task = progress.add_task(f"embedding ({level}, {settings.mode})", total=None)
+                for event in events:
+                    if isinstance(event, ShardDone):
+                        # Rank 0 sees its own shards: one in `world_size` of all of them.
+                        progress.update(task, total=event.n_shards, advance=world_size)
+                    elif isinstance(event, EmbedFinished):
+                        finished = event
+        finally:
+            close_distributed()
         if finished is not None and viz > 0:
             from odis_core.embed.viz import write_viz
 

@@ -12,7 +12,13 @@ from safetensors.torch import save_file
 from odis_core.embed.backbones import load_backbone, weights_fingerprint
 from odis_core.embed.features import read_features
 from odis_core.embed.inference import embed, list_records
-from odis_core.embed.shards import EmbedFinished, EmbedSettings, ShardDone, embed_to_directory
+from odis_core.embed.shards import (
+    EmbedFinished,
+    EmbedSettings,
+    ShardDone,
+    embed_to_directory,
+    records_fingerprint,
+)
 from odis_core.embed.viz import obj_attention, pca_rgb, write_viz
 from odis_core.masks.coco import import_coco
 from odis_core.model.obj_vit import ObjViT
@@ -28,8 +34,9 @@ FOREIGN = dict(img_size=32, patch_size=8)
 def scenes(tmp_path_factory):
     root = tmp_path_factory.mktemp("scenes")
     splits = generate_scenes(root / "scenes", 10, 2, seed=5, config=SceneConfig(image_size=32))
-    store, _ = import_coco(splits["train"].annotations, root / "store",
-                           images_root=splits["train"].images_dir)
+    store, _ = import_coco(
+        splits["train"].annotations, root / "store", images_root=splits["train"].images_dir
+    )
     return splits["train"].images_dir, store
 
 
@@ -41,11 +48,30 @@ def tiny_backbone(seed=0):
 def run_to_end(out, images, store, shard_size=3, rank=0, world_size=1, backbone=None):
     backbone = backbone or tiny_backbone()
     records = list_records(images, store, "object", "masked")
-    settings = EmbedSettings("object", "masked", 32, shard_size, "float32",
-                             weights_fingerprint(backbone.vit), len(records))
-    return list(embed_to_directory(backbone, images, records, store, out, settings,
-                                   {"backbone": "vit_tiny"}, batch_size=2, rank=rank,
-                                   world_size=world_size))
+    settings = EmbedSettings(
+        "object",
+        "masked",
+        32,
+        shard_size,
+        "float32",
+        weights_fingerprint(backbone.vit),
+        len(records),
+        records_fingerprint(records),
+    )
+    return list(
+        embed_to_directory(
+            backbone,
+            images,
+            records,
+            store,
+            out,
+            settings,
+            {"backbone": "vit_tiny"},
+            batch_size=2,
+            rank=rank,
+            world_size=world_size,
+        )
+    )
 
 
 def test_sharded_run_equals_one_pass_and_cleans_up(tmp_path, scenes):
@@ -76,7 +102,11 @@ def test_resume_skips_finished_shards_and_redoes_partial_ones(tmp_path, scenes):
     (partial / "features.npy").write_bytes(b"garbage")
     events = run_to_end(out, images, store)
     assert [(e.shard, e.resumed) for e in events if isinstance(e, ShardDone)] == [
-        (0, True), (1, False), (2, True), (3, False)]
+        (0, True),
+        (1, False),
+        (2, True),
+        (3, False),
+    ]
     fresh = read_features(out)
     reference = run_to_end(tmp_path / "ref", images, store)
     np.testing.assert_array_equal(fresh.features, read_features(tmp_path / "ref").features)
@@ -91,20 +121,30 @@ def test_other_settings_do_not_mix_with_unfinished_shards(tmp_path, scenes):
     run_to_end(tmp_path / "feat", images, store, rank=0, world_size=2)
     with pytest.raises(ValueError, match="weights"):
         run_to_end(tmp_path / "feat", images, store, backbone=tiny_backbone(seed=1))
+    with pytest.raises(ValueError, match="shard_size"):
+        run_to_end(tmp_path / "feat", images, store, shard_size=4)
+
+
+def test_records_fingerprint_follows_names_and_order(scenes):
+    _, store = scenes
+    records = list(store.images)
+    assert records_fingerprint(records) == records_fingerprint(list(records))
+    assert records_fingerprint(records) != records_fingerprint(records[::-1])
+    assert records_fingerprint(records) != records_fingerprint(records[:-1])
 
 
 def test_timm_safetensors_and_prefixed_pth_load_exactly(tmp_path):
     torch.manual_seed(3)
-    plain = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0,
-                              **FOREIGN)
+    plain = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, **FOREIGN)
     state = plain.state_dict()
     save_file(state, tmp_path / "vit.safetensors")
     loaded = load_backbone(tmp_path / "vit.safetensors", arch="vit_tiny_patch16_224")
     assert (loaded.image_size, loaded.backbone.patch_size, loaded.source) == (32, 8, "timm")
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        torch.testing.assert_close(loaded.backbone(images)[:, 0],
-                                   plain.forward_features(images)[:, 0])
+        torch.testing.assert_close(
+            loaded.backbone(images)[:, 0], plain.forward_features(images)[:, 0]
+        )
     # DINO/iBOT layout: under "teacher", with "module." and "backbone." prefixes and a head.
     dino_like = {f"module.backbone.{key}": value for key, value in state.items()}
     dino_like["module.head.last_layer.weight"] = torch.zeros(4, 4)
@@ -115,17 +155,23 @@ def test_timm_safetensors_and_prefixed_pth_load_exactly(tmp_path):
 
 def test_mismatched_checkpoints_are_refused_with_the_keys(tmp_path):
     torch.manual_seed(3)
-    plain = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0,
-                              **FOREIGN)
+    plain = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, **FOREIGN)
     state = plain.state_dict()
     # Two blocks of weights for a model with twelve: missing keys, listed.
-    torch.save({k: v for k, v in state.items() if not k.startswith(tuple(
-        f"blocks.{i}." for i in range(2, 12)))}, tmp_path / "short.pth")
+    torch.save(
+        {
+            k: v
+            for k, v in state.items()
+            if not k.startswith(tuple(f"blocks.{i}." for i in range(2, 12)))
+        },
+        tmp_path / "short.pth",
+    )
     with pytest.raises(CheckpointError, match=r"short\.pth.*missing \[blocks\.2\."):
         load_backbone(tmp_path / "short.pth", arch="vit_tiny_patch16_224")
     # A foreign model (a ResNet) is not a ViT at all.
-    torch.save(timm.create_model("resnet18", pretrained=False).state_dict(),
-               tmp_path / "resnet.pth")
+    torch.save(
+        timm.create_model("resnet18", pretrained=False).state_dict(), tmp_path / "resnet.pth"
+    )
     with pytest.raises(CheckpointError, match="resnet.pth.*not match a ViT"):
         load_backbone(tmp_path / "resnet.pth", arch="vit_tiny_patch16_224")
     # An unknown extra key is unexpected, not ignored.
@@ -177,8 +223,7 @@ def test_pca_rgb_spans_unit_range():
 
 def test_write_viz_draws_one_png_per_image(tmp_path, scenes):
     images, store = scenes
-    paths = write_viz(tiny_backbone(), images, list(store.images)[:2], store, tmp_path / "viz",
-                      32)
+    paths = write_viz(tiny_backbone(), images, list(store.images)[:2], store, tmp_path / "viz", 32)
     assert len(paths) == 2
     for path in paths:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

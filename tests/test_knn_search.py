@@ -38,8 +38,7 @@ def test_torch_search_equals_faiss(block_elements):
 def test_knn_reports_equal_for_torch_and_faiss_backends():
     train, train_labels, test, test_labels = random_problem(3, 400, 90, 16, range(8))
     by_faiss = weighted_knn(train, train_labels, test, test_labels, backend="faiss")
-    by_torch = weighted_knn(train, train_labels, test, test_labels, backend="torch",
-                            device="cpu")
+    by_torch = weighted_knn(train, train_labels, test, test_labels, backend="torch", device="cpu")
     assert by_faiss.backend == "faiss-cpu" and by_torch.backend == "torch-cpu"
     assert by_torch.results == by_faiss.results
     assert by_torch.per_class == by_faiss.per_class
@@ -63,7 +62,8 @@ def test_per_class_and_confusion_agree_with_top1():
     assert confusion.shape == (4, 4) and confusion.sum() == 120
     # Rows are true classes: their sums are the per-class query counts.
     assert [result.per_class[20][label]["n"] for label in (2, 5, 9, 11)] == list(
-        confusion.sum(axis=1))
+        confusion.sum(axis=1)
+    )
     assert np.trace(confusion) * 100.0 / 120 == pytest.approx(result.results[20]["top1"])
     for k in (10, 20):
         table = result.per_class[k]
@@ -76,8 +76,9 @@ def test_per_class_and_confusion_agree_with_top1():
 def test_confusion_matrix_off_diagonal_counts_a_known_mistake():
     # The one query sits on class-1 training items while labelled 0.
     train = np.array([[1, 0], [0.9, 0.1], [0, 1]], dtype=np.float32)
-    result = weighted_knn(train, np.array([1, 1, 0]), np.array([[1.0, 0.0]]), np.array([0]),
-                          ks=(2,))
+    result = weighted_knn(
+        train, np.array([1, 1, 0]), np.array([[1.0, 0.0]]), np.array([0]), ks=(2,)
+    )
     np.testing.assert_array_equal(result.confusion, [[0, 1], [0, 0]])
     assert result.per_class[2] == {0: {"top1": 0.0, "n": 1}}
 
@@ -103,14 +104,16 @@ def test_recall_at_k_counts_shared_neighbours():
 def test_ivf_with_every_cell_probed_is_exact_and_says_so():
     train, train_labels, test, test_labels = random_problem(6, 600, 80, 16, range(5))
     exact = weighted_knn(train, train_labels, test, test_labels, ks=(10, 20))
-    full = weighted_knn(train, train_labels, test, test_labels, ks=(10, 20),
-                        ivf=IvfSettings(nlist=8, nprobe=8))
+    full = weighted_knn(
+        train, train_labels, test, test_labels, ks=(10, 20), ivf=IvfSettings(nlist=8, nprobe=8)
+    )
     assert full.backend.startswith("faiss-ivf")
     assert full.ivf["recall_at_k"] == {"10": 1.0, "20": 1.0}
     assert full.ivf["recall_queries"] == 80
     assert full.results == exact.results
     # One cell of 16 probed: a real approximation, and the report shows it.
-    narrow = weighted_knn(train, train_labels, test, test_labels, ks=(10, 20),
-                          ivf=IvfSettings(nlist=16, nprobe=1))
+    narrow = weighted_knn(
+        train, train_labels, test, test_labels, ks=(10, 20), ivf=IvfSettings(nlist=16, nprobe=1)
+    )
     assert 0.0 < narrow.ivf["recall_at_k"]["20"] < 1.0
     assert narrow.to_json()["ivf"]["nprobe"] == 1

@@ -65,8 +65,11 @@ def weights_fingerprint(module: torch.nn.Module) -> str:
 
 
 def _is_tensor_dict(value: Any) -> bool:
-    return isinstance(value, dict) and bool(value) and all(
-        isinstance(item, torch.Tensor) for item in value.values())
+    return (
+        isinstance(value, dict)
+        and bool(value)
+        and all(isinstance(item, torch.Tensor) for item in value.values())
+    )
 
 
 def _foreign_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -88,7 +91,8 @@ def _foreign_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, 
         raise CheckpointError(
             f"{path}: cannot load with weights_only=True ({first_line}); if it pickles "
             "Python objects (DINO/iBOT training checkpoints hold an argparse Namespace), "
-            "save its state dict alone with torch.save(ckpt['teacher'], ...) first") from None
+            "save its state dict alone with torch.save(ckpt['teacher'], ...) first"
+        ) from None
     if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
         return state, {"format": CHECKPOINT_FORMAT}
     if isinstance(state, dict):
@@ -97,8 +101,10 @@ def _foreign_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, 
                 return state[key], {}
     if _is_tensor_dict(state):
         return state, {}
-    raise CheckpointError(f"{path}: no state dict found (looked for a dict of tensors at the "
-                          f"top level and under {', '.join(STATE_DICT_KEYS)})")
+    raise CheckpointError(
+        f"{path}: no state dict found (looked for a dict of tensors at the "
+        f"top level and under {', '.join(STATE_DICT_KEYS)})"
+    )
 
 
 def _geometry(state: dict[str, torch.Tensor], path: Path) -> tuple[int, int]:
@@ -110,8 +116,10 @@ def _geometry(state: dict[str, torch.Tensor], path: Path) -> tuple[int, int]:
         raise CheckpointError(f"{path}: weights do not match a ViT: no {error} key") from None
     grid = math.isqrt(n_positions)
     if grid * grid != n_positions:
-        raise CheckpointError(f"{path}: pos_embed has {n_positions} patch positions, not a "
-                              "square grid (a model with registers or no class token?)")
+        raise CheckpointError(
+            f"{path}: pos_embed has {n_positions} patch positions, not a "
+            "square grid (a model with registers or no class token?)"
+        )
     return patch_size, grid * patch_size
 
 
@@ -128,27 +136,39 @@ def load_backbone(checkpoint: Path | str, arch: str | None = None) -> LoadedBack
     state, header = _foreign_state_dict(path)
     if header.get("format") == CHECKPOINT_FORMAT:
         backbone, config = load_teacher_backbone(path)
-        return LoadedBackbone(backbone.eval(), config.arch, weights_fingerprint(backbone.vit),
-                              config.global_size, "odis", config)
+        return LoadedBackbone(
+            backbone.eval(),
+            config.arch,
+            weights_fingerprint(backbone.vit),
+            config.global_size,
+            "odis",
+            config,
+        )
     state = timm_backbone_state(state)
     if header.get("format") == "odis-teacher-backbone":
         arch = header["arch"]
     if arch is None:
-        raise CheckpointError(f"{path}: not an odis checkpoint; give its timm architecture "
-                              "with --arch (e.g. vit_base_patch16_224)")
+        raise CheckpointError(
+            f"{path}: not an odis checkpoint; give its timm architecture "
+            "with --arch (e.g. vit_base_patch16_224)"
+        )
     patch_size, image_size = _geometry(state, path)
     kwargs = json.loads(header["timm_kwargs"]) if "timm_kwargs" in header else {}
     depth = {"depth": kwargs["depth"]} if "depth" in kwargs else {}
     try:
-        backbone = ObjViT(arch, img_size=image_size, patch_size=patch_size, drop_path_rate=0.0,
-                          **depth)
+        backbone = ObjViT(
+            arch, img_size=image_size, patch_size=patch_size, drop_path_rate=0.0, **depth
+        )
     except ValueError as error:
         raise CheckpointError(f"{path}: {error}") from None
     try:
         load_strict(backbone.vit, state, str(path))
     except RuntimeError as error:  # same keys, other shapes (e.g. ViT-S weights, ViT-B arch)
         detail = str(error).strip().splitlines()
-        raise CheckpointError(f"{path}: weights do not match {backbone.arch}: "
-                              f"{detail[1].strip() if len(detail) > 1 else detail[0]}") from None
-    return LoadedBackbone(backbone.eval(), backbone.arch, weights_fingerprint(backbone.vit),
-                          image_size, "timm")
+        raise CheckpointError(
+            f"{path}: weights do not match {backbone.arch}: "
+            f"{detail[1].strip() if len(detail) > 1 else detail[0]}"
+        ) from None
+    return LoadedBackbone(
+        backbone.eval(), backbone.arch, weights_fingerprint(backbone.vit), image_size, "timm"
+    )

@@ -12,11 +12,12 @@ crosses one, so a resumed run computes exactly the features an uninterrupted run
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,12 +52,28 @@ class EmbedSettings:
     dtype: str  # "float32" | "float16"
     weights: str  # backbone fingerprint
     n_images: int
-    extra: dict[str, Any] = field(default_factory=dict)
+    images: str = ""  # fingerprint of the image list (records_fingerprint)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"level": self.level, "mode": self.mode, "image_size": self.image_size,
-                "shard_size": self.shard_size, "dtype": self.dtype, "weights": self.weights,
-                "n_images": self.n_images, **self.extra}
+        return {
+            "level": self.level,
+            "mode": self.mode,
+            "image_size": self.image_size,
+            "shard_size": self.shard_size,
+            "dtype": self.dtype,
+            "weights": self.weights,
+            "n_images": self.n_images,
+            "images": self.images,
+        }
+
+
+def records_fingerprint(records: list[ImageRecord]) -> str:
+    """16 hex digits over the ordered image ids and file names: shards hold slices of this
+    list, so a resumed run must see the same one."""
+    digest = hashlib.blake2b(digest_size=8)
+    for record in records:
+        digest.update(f"{record.image_id}\t{record.file_name}\n".encode())
+    return digest.hexdigest()
 
 
 @dataclass
@@ -89,12 +106,15 @@ def _check_settings(out_dir: Path, settings: dict[str, Any]) -> None:
     path = out_dir / SHARDS_DIR / SETTINGS_FILE
     if path.is_file():
         previous = json.loads(path.read_text(encoding="utf-8"))
-        changed = sorted(key for key in set(previous) | set(settings)
-                         if previous.get(key) != settings.get(key))
+        changed = sorted(
+            key for key in set(previous) | set(settings) if previous.get(key) != settings.get(key)
+        )
         if changed:
-            raise ValueError(f"{out_dir}: holds shards of an unfinished embed with other "
-                             f"settings ({', '.join(changed)} differ); use another --out or "
-                             "delete it")
+            raise ValueError(
+                f"{out_dir}: holds shards of an unfinished embed with other "
+                f"settings ({', '.join(changed)} differ); use another --out or "
+                "delete it"
+            )
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(path, "w", encoding="utf-8") as handle:
@@ -120,10 +140,15 @@ def _merge(out_dir: Path, n_shards: int, info: dict[str, Any]) -> EmbedFinished:
     dtype = np.dtype(info["settings"]["dtype"])
     skipped = [line for shard_info in shard_infos for line in shard_info.get("skipped", [])]
     labels = []
-    with atomic_write(out_dir / FEATURES_FILE) as features_handle, \
-            atomic_write(out_dir / META_FILE, "w", encoding="utf-8") as meta_handle:
-        header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
-                  "shape": (n_rows, int(info["dim"]))}
+    with (
+        atomic_write(out_dir / FEATURES_FILE) as features_handle,
+        atomic_write(out_dir / META_FILE, "w", encoding="utf-8") as meta_handle,
+    ):
+        header = {
+            "descr": np.lib.format.dtype_to_descr(dtype),
+            "fortran_order": False,
+            "shape": (n_rows, int(info["dim"])),
+        }
         np.lib.format.write_array_header_1_0(features_handle, header)
         for directory in directories:
             part = read_features(directory)
@@ -184,13 +209,26 @@ def embed_to_directory(
             continue
         start = shard * settings.shard_size
         result = embed_records(
-            backbone, images_root, records[start:start + settings.shard_size], store,
-            settings.level, settings.mode, settings.image_size, batch_size, device, workers,
+            backbone,
+            images_root,
+            records[start : start + settings.shard_size],
+            store,
+            settings.level,
+            settings.mode,
+            settings.image_size,
+            batch_size,
+            device,
+            workers,
         )
         if result.features.shape[0] == 0:
             result.features = np.zeros((0, backbone.embed_dim), np.float32)
-        write_features(directory, result.features.astype(dtype), result.labels, result.meta,
-                       {"shard": shard, "skipped": result.skipped, "pid": os.getpid()})
+        write_features(
+            directory,
+            result.features.astype(dtype),
+            result.labels,
+            result.meta,
+            {"shard": shard, "skipped": result.skipped, "pid": os.getpid()},
+        )
         yield ShardDone(shard, n_shards, len(result.labels), False)
     if barrier is not None:
         barrier()
@@ -198,17 +236,20 @@ def embed_to_directory(
             return
     missing = [s for s in range(n_shards) if not _is_complete(shard_dir(out_dir, s))]
     if missing and barrier is not None:
-        raise RuntimeError(f"{out_dir}: shards {missing[:5]} are missing after all ranks "
-                           "finished")
+        raise RuntimeError(f"{out_dir}: shards {missing[:5]} are missing after all ranks finished")
     if not missing:  # without a process group, whichever process finishes last merges
-        yield _merge(out_dir, n_shards, {**info, "settings": settings_dict,
-                                         "dim": backbone.embed_dim})
+        yield _merge(
+            out_dir, n_shards, {**info, "settings": settings_dict, "dim": backbone.embed_dim}
+        )
 
 
 def distributed_rank() -> tuple[int, int, int]:
     """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) without it."""
-    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-            int(os.environ.get("LOCAL_RANK", 0)))
+    return (
+        int(os.environ.get("RANK", 0)),
+        int(os.environ.get("WORLD_SIZE", 1)),
+        int(os.environ.get("LOCAL_RANK", 0)),
+    )
 
 
 def init_distributed(device: str) -> Callable[[], None] | None:
@@ -222,6 +263,14 @@ def init_distributed(device: str) -> Callable[[], None] | None:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     return dist.barrier
+
+
+def close_distributed() -> None:
+    """Leave the process group, if this process joined one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def rank_device(device: str, local_rank: int) -> str:

@@ -37,7 +37,8 @@ def obj_attention(
     block = backbone.vit.blocks[-1]
     captured: dict[str, torch.Tensor] = {}
     handle = block.norm1.register_forward_hook(
-        lambda module, args, output: captured.__setitem__("x", output))
+        lambda module, args, output: captured.__setitem__("x", output)
+    )
     try:
         backbone(images, obj_patch_mask=obj_patch_mask, force_masked_path=True)
     finally:
@@ -67,8 +68,12 @@ def pca_rgb(patch_tokens: torch.Tensor, grid: tuple[int, int]) -> np.ndarray:
 
 
 def _draw(
-    path: Path, image: np.ndarray, pca: np.ndarray, attention: list[np.ndarray],
-    rows: list[dict], title: str,
+    path: Path,
+    image: np.ndarray,
+    pca: np.ndarray,
+    attention: list[np.ndarray],
+    rows: list[dict],
+    title: str,
 ) -> None:
     import matplotlib
 
@@ -86,8 +91,9 @@ def _draw(
     axes[1].set_title("patch features, PCA -> RGB", fontsize=8)
     for axis, amap, row in zip(axes[2:], attention, rows, strict=True):
         axis.imshow(image)
-        axis.imshow(amap, cmap="inferno", alpha=0.6, interpolation="nearest",
-                    extent=(0, width, height, 0))
+        axis.imshow(
+            amap, cmap="inferno", alpha=0.6, interpolation="nearest", extent=(0, width, height, 0)
+        )
         if row.get("object_id") is not None:
             x, y, w, h = row["box"]
             axis.add_patch(Rectangle((x, y), w, h, fill=False, edgecolor="cyan", linewidth=1))
@@ -120,8 +126,9 @@ def write_viz(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     level = "object" if store is not None else "image"
-    inputs = _ObjectInputs(Path(images_root), records, store, level, "masked", image_size,
-                           backbone.patch_size)
+    inputs = _ObjectInputs(
+        Path(images_root), records, store, level, "masked", image_size, backbone.patch_size
+    )
     grid = inputs.grid
     backbone = backbone.to(device).eval()
     written = []
@@ -130,8 +137,11 @@ def write_viz(
         if "skipped" in item or not item["masks"]:
             continue  # unreadable, or no object: nothing to draw
         try:
-            picture = np.asarray(load_rgb(Path(images_root) / record.file_name)
-                                 .resize((image_size, image_size), Image.Resampling.BICUBIC))
+            picture = np.asarray(
+                load_rgb(Path(images_root) / record.file_name).resize(
+                    (image_size, image_size), Image.Resampling.BICUBIC
+                )
+            )
         except UnreadableImageError:
             continue
         n_drawn = min(len(item["masks"]), MAX_OBJECTS_DRAWN)
@@ -140,9 +150,13 @@ def write_viz(
         attention, _ = obj_attention(backbone, batch, masks)
         maps = [row[1:].reshape(grid).float().cpu().numpy() for row in attention]
         tokens = backbone(batch[:1])[0, 1:]
-        rows = [{**_scaled_row(row, record, image_size),
-                 "category": store.category_name(row["category_id"]) if store else None}
-                for row in item["rows"][:n_drawn]]
+        rows = [
+            {
+                **_scaled_row(row, record, image_size),
+                "category": store.category_name(row["category_id"]) if store else None,
+            }
+            for row in item["rows"][:n_drawn]
+        ]
         path = out_dir / (Path(record.file_name).stem + f"_{record.image_id}.png")
         _draw(path, picture, pca_rgb(tokens, grid), maps, rows, record.file_name)
         written.append(path)

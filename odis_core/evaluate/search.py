@@ -40,10 +40,10 @@ def l2_normalize(x: np.ndarray, block_rows: int = 65536) -> np.ndarray:
     x = np.asarray(x)
     out = np.empty(x.shape, dtype=np.float32)
     for start in range(0, len(x), block_rows):
-        block = x[start:start + block_rows].astype(np.float32)
+        block = x[start : start + block_rows].astype(np.float32)
         norms = np.linalg.norm(block, axis=1, keepdims=True)
         # Same guard as torch.nn.functional.normalize (eps 1e-12), which DINO uses.
-        out[start:start + block_rows] = block / np.maximum(norms, np.float32(1e-12))
+        out[start : start + block_rows] = block / np.maximum(norms, np.float32(1e-12))
     return out
 
 
@@ -80,16 +80,16 @@ class FaissCpuSearch(NeighbourSearch):
         self.bank = np.ascontiguousarray(bank, dtype=np.float32)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        similarities, indices = faiss.knn(np.ascontiguousarray(queries), self.bank, k,
-                                          metric=faiss.METRIC_INNER_PRODUCT)
+        similarities, indices = faiss.knn(
+            np.ascontiguousarray(queries), self.bank, k, metric=faiss.METRIC_INNER_PRODUCT
+        )
         return similarities, indices.astype(np.int64, copy=False)
 
 
 class FaissIndexSearch(NeighbourSearch):
     """A FAISS index: flat on all GPUs, or IVF (CPU, or all GPUs when FAISS has them)."""
 
-    def __init__(self, bank: np.ndarray, ivf: IvfSettings | None, gpu: bool,
-                 seed: int = 0) -> None:
+    def __init__(self, bank: np.ndarray, ivf: IvfSettings | None, gpu: bool, seed: int = 0) -> None:
         dim = bank.shape[1]
         if ivf is None:
             index = faiss.IndexFlatIP(dim)
@@ -102,7 +102,7 @@ class FaissIndexSearch(NeighbourSearch):
             index.cp.seed = seed
             # k-means on a sample: FAISS warns below 39 points per cell and gains little
             # above 256 per cell.
-            sample = np.random.default_rng(seed).permutation(len(bank))[:nlist * 256]
+            sample = np.random.default_rng(seed).permutation(len(bank))[: nlist * 256]
             index.train(bank[np.sort(sample)])
             index.add(bank)
             index.nprobe = min(ivf.nprobe, nlist)
@@ -122,8 +122,9 @@ class TorchSearch(NeighbourSearch):
 
     name = "torch"
 
-    def __init__(self, bank: np.ndarray, device: str = "cpu",
-                 block_elements: int = TORCH_BLOCK_ELEMENTS) -> None:
+    def __init__(
+        self, bank: np.ndarray, device: str = "cpu", block_elements: int = TORCH_BLOCK_ELEMENTS
+    ) -> None:
         self.device = torch.device(device)
         self.bank = torch.from_numpy(np.ascontiguousarray(bank, dtype=np.float32)).to(self.device)
         self.block_elements = block_elements
@@ -145,7 +146,7 @@ class TorchSearch(NeighbourSearch):
         block_rows = max(k, self.block_elements // max(1, len(query)))
         best_sim = best_idx = None
         for start in range(0, len(self.bank), block_rows):
-            block = self.bank[start:start + block_rows]
+            block = self.bank[start : start + block_rows]
             similarities = query @ block.T
             top_sim, top_idx = similarities.topk(min(k, len(block)), dim=1)
             top_idx += start
@@ -192,7 +193,7 @@ def search_chunks(
 ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     """Yields (first row, (m, k) similarities, (m, k) bank indices) per chunk of queries."""
     for start in range(0, len(queries), chunk_size):
-        similarities, indices = searcher.search(queries[start:start + chunk_size], k)
+        similarities, indices = searcher.search(queries[start : start + chunk_size], k)
         yield start, similarities, indices
 
 

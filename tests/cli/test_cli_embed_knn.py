@@ -36,21 +36,46 @@ def data(tmp_path_factory):
     # The layout `odis export` writes (timm keys, architecture in the header): two blocks.
     kwargs = {"num_classes": 0, "img_size": 32, "patch_size": 8, "depth": 2}
     vit = timm.create_model(ARCH, pretrained=False, **kwargs)
-    save_file(vit.state_dict(), root / "vit.safetensors", metadata={
-        "format": "odis-teacher-backbone", "arch": ARCH, "timm_kwargs": json.dumps(kwargs)})
+    save_file(
+        vit.state_dict(),
+        root / "vit.safetensors",
+        metadata={
+            "format": "odis-teacher-backbone",
+            "arch": ARCH,
+            "timm_kwargs": json.dumps(kwargs),
+        },
+    )
     return {"images": images, "store": root / "store", "ckpt": root / "vit.safetensors"}
 
 
 def embed_args(data, out, *extra):
-    return ["embed", "--checkpoint", str(data["ckpt"]), "--arch", ARCH, "--images",
-            str(data["images"]), "--masks", str(data["store"]), "--out", str(out),
-            "--device", "cpu", *extra]
+    return [
+        "embed",
+        "--checkpoint",
+        str(data["ckpt"]),
+        "--arch",
+        ARCH,
+        "--images",
+        str(data["images"]),
+        "--masks",
+        str(data["store"]),
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        *extra,
+    ]
 
 
 def odis_process(args):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.Popen([sys.executable, "-m", "odis_cli", *args], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        [sys.executable, "-m", "odis_cli", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
 
 
 def finished_shards(out):
@@ -92,9 +117,24 @@ def test_torchrun_two_ranks_write_their_shards_and_rank0_merges(tmp_path, data):
     out = tmp_path / "ranks"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     completed = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-         "--master-port", "29517", "-m", "odis_cli", *embed_args(data, out, "--shard-size", "7")],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            "29517",
+            "-m",
+            "odis_cli",
+            *embed_args(data, out, "--shard-size", "7"),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert completed.returncode == 0, completed.stdout + completed.stderr
     both, one = read_features(out), read_features(single)
     np.testing.assert_allclose(both.features, one.features, atol=1e-5)
@@ -103,14 +143,19 @@ def test_torchrun_two_ranks_write_their_shards_and_rank0_merges(tmp_path, data):
 
 def test_image_level_float16_and_viz(tmp_path, data):
     out = tmp_path / "feat"
-    result = runner.invoke(app, embed_args(data, out, "--level", "image", "--dtype", "float16",
-                                           "--viz", "2"))
+    result = runner.invoke(
+        app, embed_args(data, out, "--level", "image", "--dtype", "float16", "--viz", "2")
+    )
     assert result.exit_code == 0, result.output
     features = np.load(out / "features.npy")
     assert features.dtype == np.float16 and features.shape == (40, 192)
     info = json.loads((out / "info.json").read_text())
     assert (info["level"], info["mode"], info["source"], info["backbone"]) == (
-        "image", "cls", "timm", ARCH)
+        "image",
+        "cls",
+        "timm",
+        ARCH,
+    )
     assert len(list((out / "viz").glob("*.png"))) == 2
     # A re-run with the same settings has nothing to do.
     result = runner.invoke(app, embed_args(data, out, "--level", "image", "--dtype", "float16"))
@@ -118,8 +163,9 @@ def test_image_level_float16_and_viz(tmp_path, data):
 
 
 def test_mismatched_checkpoint_is_a_one_line_error(tmp_path, data):
-    state = timm.create_model(ARCH, pretrained=False, num_classes=0, img_size=32,
-                              patch_size=8, depth=2).state_dict()
+    state = timm.create_model(
+        ARCH, pretrained=False, num_classes=0, img_size=32, patch_size=8, depth=2
+    ).state_dict()
     save_file(state, tmp_path / "vit.safetensors")  # no header: 2 blocks of a 12-block arch
     args = embed_args(data, tmp_path / "f")
     args[args.index("--checkpoint") + 1] = str(tmp_path / "vit.safetensors")
@@ -131,10 +177,22 @@ def test_mismatched_checkpoint_is_a_one_line_error(tmp_path, data):
 
 
 def write_dir(path, features, labels, **info):
-    meta = [{"image": f"{i}.png", "object_id": i, "category_id": int(label),
-             "category": f"class{label}"} for i, label in enumerate(labels)]
-    write_features(path, features, labels, meta, {"backbone": "vit_tiny", "level": "object",
-                                                  "weights": "abc", **info})
+    meta = [
+        {
+            "image": f"{i}.png",
+            "object_id": i,
+            "category_id": int(label),
+            "category": f"class{label}",
+        }
+        for i, label in enumerate(labels)
+    ]
+    write_features(
+        path,
+        features,
+        labels,
+        meta,
+        {"backbone": "vit_tiny", "level": "object", "weights": "abc", **info},
+    )
 
 
 def test_knn_report_confusion_backends_and_mismatch(tmp_path):
@@ -146,9 +204,22 @@ def test_knn_report_confusion_backends_and_mismatch(tmp_path):
     reports = {}
     for backend in ("faiss", "torch"):
         report = tmp_path / f"{backend}.json"
-        result = runner.invoke(app, ["knn", "--train", str(tmp_path / "train"), "--test",
-                                     str(tmp_path / "test"), "--backend", backend, "--json",
-                                     str(report), "--confusion", str(tmp_path / "cm.png")])
+        result = runner.invoke(
+            app,
+            [
+                "knn",
+                "--train",
+                str(tmp_path / "train"),
+                "--test",
+                str(tmp_path / "test"),
+                "--backend",
+                backend,
+                "--json",
+                str(report),
+                "--confusion",
+                str(tmp_path / "cm.png"),
+            ],
+        )
         assert result.exit_code == 0, result.output
         reports[backend] = json.loads(report.read_text())
     assert reports["faiss"]["results"] == reports["torch"]["results"]
@@ -157,12 +228,25 @@ def test_knn_report_confusion_backends_and_mismatch(tmp_path):
     assert sum(v["n"] for v in reports["faiss"]["per_class"]["20"].values()) == 30
     assert (tmp_path / "cm.png").read_bytes()[:4] == b"\x89PNG"
 
-    result = runner.invoke(app, ["knn", "--train", str(tmp_path / "train"), "--test",
-                                 str(tmp_path / "test"), "--ivf", "4", "--nprobe", "4"])
+    result = runner.invoke(
+        app,
+        [
+            "knn",
+            "--train",
+            str(tmp_path / "train"),
+            "--test",
+            str(tmp_path / "test"),
+            "--ivf",
+            "4",
+            "--nprobe",
+            "4",
+        ],
+    )
     assert result.exit_code == 0 and "IVF recall@k" in result.output
 
-    write_dir(tmp_path / "other", rng.normal(size=(5, 16)), np.array([0, 1, 2, 0, 1]),
-              weights="xyz")
+    write_dir(
+        tmp_path / "other", rng.normal(size=(5, 16)), np.array([0, 1, 2, 0, 1]), weights="xyz"
+    )
     args = ["knn", "--train", str(tmp_path / "train"), "--test", str(tmp_path / "other")]
     result = runner.invoke(app, args)
     assert result.exit_code == 1 and "weights 'xyz' differs" in result.output
