@@ -91,8 +91,13 @@ def _draw(
     axes[1].set_title("patch features, PCA -> RGB", fontsize=8)
     for axis, amap, row in zip(axes[2:], attention, rows, strict=True):
         axis.imshow(image)
+        # Patches outside the object get exactly zero attention: leave them see-through.
         axis.imshow(
-            amap, cmap="inferno", alpha=0.6, interpolation="nearest", extent=(0, width, height, 0)
+            np.ma.masked_equal(amap, 0.0),
+            cmap="inferno",
+            alpha=0.7,
+            interpolation="nearest",
+            extent=(0, width, height, 0),
         )
         if row.get("object_id") is not None:
             x, y, w, h = row["box"]
