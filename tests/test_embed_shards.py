@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from odis_core.embed.backbones import load_backbone, weights_fingerprint
 from odis_core.embed.features import read_features
-from odis_core.embed.inference import embed, list_records
+from odis_core.embed.inference import embed, embed_records, list_records
 from odis_core.embed.shards import (
     EmbedFinished,
     EmbedSettings,
@@ -227,3 +227,37 @@ def test_write_viz_draws_one_png_per_image(tmp_path, scenes):
     assert len(paths) == 2
     for path in paths:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("mode", ["masked", "crop", "blackout", "meanpool"])
+def test_objects_of_a_batch_get_their_own_image_and_mask(scenes, mode):
+    """Batched embedding (objects of several images in one forward, masked objects sharing
+    one image tensor) equals one forward per object on that object's own inputs."""
+    from odis_core.embed.inference import _ObjectInputs
+    from odis_core.model.network import meanpool_object
+
+    images, store = scenes
+    records = list(store.images)[:3]
+    backbone = tiny_backbone()
+    batched = embed_records(backbone, images, records, store, "object", mode, 32, batch_size=3)
+    dataset = _ObjectInputs(images, records, store, "object", mode, 32, 8)
+    expected = []
+    for index in range(len(records)):
+        item = dataset[index]
+        # Masked/meanpool objects share their image's one tensor; crop/blackout have one each.
+        n_objects = len(item["masks"])
+        assert len(item["images"]) == (1 if mode in ("masked", "meanpool") else n_objects)
+        for owner, mask in zip(item["owner"], item["masks"], strict=True):
+            image = item["images"][owner][None]
+            with torch.no_grad():
+                if mode == "meanpool":
+                    feature = meanpool_object(backbone(image)[:, 1:], mask[None])
+                else:
+                    feature = backbone(image, obj_patch_mask=mask[None])[:, 0]
+            expected.append(feature[0])
+    assert len(expected) == len(batched.labels) > 3
+    torch.testing.assert_close(
+        torch.from_numpy(batched.features), torch.stack(expected), atol=1e-5, rtol=1e-4
+    )
+    # Objects differ from each other (a wrong owner index would repeat one image's input).
+    assert len(np.unique(batched.features.round(4), axis=0)) == len(expected)
