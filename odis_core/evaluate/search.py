@@ -1,6 +1,6 @@
 """Nearest-neighbour search over L2-normalised features, for the weighted k-NN.
 
-Three exact-or-measured backends, one interface (`search(queries, k)`):
+Exact backends and one measured approximation, one interface (`search(queries, k)`):
 - "faiss-cpu" / "faiss-gpu": FAISS exact inner product. On the CPU, `faiss.knn` searches
   the bank in place (an `IndexFlatIP` would hold a second copy: 3.9 GB more for ImageNet
   at ViT-B width); on the GPU the bank is sharded over every visible GPU.
@@ -8,8 +8,8 @@ Three exact-or-measured backends, one interface (`search(queries, k)`):
   machines where torch sees a GPU but the installed FAISS has no GPU build (no faiss-gpu
   wheel fits a CUDA 13 image); on the CPU it is the same code, which is how it is tested
   equal to FAISS.
-- "faiss-ivf": an approximate inverted-file index for banks past GPU memory; never the
-  default, and its recall against exact search is measured by the caller.
+- "faiss-ivf": an approximate inverted-file index on the CPU, for banks past GPU memory;
+  never the default, and its recall against exact search is measured by the caller.
 
 Memory stays bounded by the query chunk (and, for torch, the bank block), never by a
 (queries x bank) similarity matrix.
@@ -87,29 +87,33 @@ class FaissCpuSearch(NeighbourSearch):
 
 
 class FaissIndexSearch(NeighbourSearch):
-    """A FAISS index: flat on all GPUs, or IVF (CPU, or all GPUs when FAISS has them)."""
+    """A FAISS index: exact (flat) sharded over all GPUs, or approximate IVF on the CPU.
 
-    def __init__(self, bank: np.ndarray, ivf: IvfSettings | None, gpu: bool, seed: int = 0) -> None:
+    IVF stays on the CPU on purpose: it is for banks that do not fit in GPU memory, and an
+    IVF-flat index holds every vector as well.
+    """
+
+    def __init__(self, bank: np.ndarray, ivf: IvfSettings | None, seed: int = 0) -> None:
         dim = bank.shape[1]
         if ivf is None:
             index = faiss.IndexFlatIP(dim)
             index.add(bank)
+            options = faiss.GpuMultipleClonerOptions()
+            options.shard = True  # each GPU holds 1/n of the bank, not a full replica
+            self.index = faiss.index_cpu_to_all_gpus(index, co=options)
             self.name = "faiss-gpu"
-        else:
-            nlist = min(ivf.nlist, len(bank))
-            quantizer = faiss.IndexFlatIP(dim)
-            index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
-            index.cp.seed = seed
-            # k-means on a sample: FAISS warns below 39 points per cell and gains little
-            # above 256 per cell.
-            sample = np.random.default_rng(seed).permutation(len(bank))[: nlist * 256]
-            index.train(bank[np.sort(sample)])
-            index.add(bank)
-            index.nprobe = min(ivf.nprobe, nlist)
-            self.name = "faiss-ivf-gpu" if gpu else "faiss-ivf"
-        self.index = faiss.index_cpu_to_all_gpus(index) if gpu else index
-        if gpu and ivf is not None:
-            faiss.GpuParameterSpace().set_index_parameter(self.index, "nprobe", index.nprobe)
+            return
+        nlist = min(ivf.nlist, len(bank))
+        quantizer = faiss.IndexFlatIP(dim)
+        index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.cp.seed = seed
+        # k-means on a sample: FAISS warns below 39 points per cell and gains little
+        # above 256 per cell.
+        sample = np.random.default_rng(seed).permutation(len(bank))[: nlist * 256]
+        index.train(bank[np.sort(sample)])
+        index.add(bank)
+        index.nprobe = min(ivf.nprobe, nlist)
+        self.index, self.name = index, "faiss-ivf"
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         similarities, indices = self.index.search(np.ascontiguousarray(queries), k)
@@ -179,12 +183,12 @@ def build_search(
     if ivf is not None:
         if backend == "torch":
             raise ValueError("the IVF index is a FAISS index: use backend faiss or auto")
-        return FaissIndexSearch(bank, ivf, gpu=faiss_gpu_available())
+        return FaissIndexSearch(bank, ivf)
     faiss_gpu = faiss_gpu_available() and k <= FAISS_GPU_MAX_K
     if backend == "torch" or (backend == "auto" and not faiss_gpu and torch.cuda.is_available()):
         return TorchSearch(bank, device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if faiss_gpu:
-        return FaissIndexSearch(bank, None, gpu=True)
+        return FaissIndexSearch(bank, None)
     return FaissCpuSearch(bank)
 
 
