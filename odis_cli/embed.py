@@ -7,11 +7,16 @@ from typing import Annotated
 
 import typer
 
-from odis_cli.ui import cli_errors, console, progress_callback
+from odis_cli.ui import cli_errors, console, make_progress
+
+DTYPES = ("float32", "float16")
 
 
 def embed(
-    checkpoint: Annotated[Path, typer.Option(help="Run directory or checkpoint file.")],
+    checkpoint: Annotated[
+        Path, typer.Option(help="odis run directory or checkpoint, an odis export, or any "
+                           "timm ViT state dict (.pth/.safetensors, with --arch).")
+    ],
     images: Annotated[Path, typer.Option(help="Image folder.")],
     out: Annotated[Path, typer.Option(help="Feature directory to write.")],
     masks: Annotated[
@@ -21,45 +26,101 @@ def embed(
     mode: Annotated[
         str, typer.Option(help="Object inference: masked, crop, blackout or meanpool.")
     ] = "masked",
+    arch: Annotated[
+        str | None, typer.Option(help="timm architecture of a foreign checkpoint "
+                                 "(e.g. vit_base_patch16_224).")
+    ] = None,
     image_size: Annotated[
-        int | None, typer.Option(help="Input size (default: the run's global crop size).")
+        int | None, typer.Option(help="Input size (default: the checkpoint's native size).")
     ] = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward batch.")] = 32,
+    shard_size: Annotated[
+        int, typer.Option(help="Images per shard: the unit written atomically and resumed.")
+    ] = 1000,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     workers: Annotated[int, typer.Option(help="Data-loading processes.")] = 0,
-    half: Annotated[bool, typer.Option(help="Store features as float16.")] = False,
+    dtype: Annotated[str, typer.Option(help="Stored features: float32 or float16.")] = "float32",
+    half: Annotated[bool, typer.Option(help="Same as --dtype float16.")] = False,
     random_init: Annotated[
         bool, typer.Option(help="Baseline: the run's architecture at its initial weights.")
     ] = False,
+    viz: Annotated[
+        int, typer.Option(help="Also draw [OBJ] attention and patch-PCA PNGs of this many "
+                          "images into OUT/viz.")
+    ] = 0,
 ) -> None:
-    """Write features.npy, labels.npy and meta.jsonl for every object (or image)."""
-    from odis_core.embed.features import write_features
-    from odis_core.embed.inference import build_backbone, load_teacher_backbone
-    from odis_core.embed.inference import embed as run_embed
+    """Write features.npy, labels.npy and meta.jsonl for every object (or image).
+
+    Resumable: a re-run with the same settings skips finished shards. Several GPUs:
+    `torchrun --nproc-per-node N -m odis_cli embed ...` (each rank writes its shards).
+    """
+    from odis_core.embed.backbones import load_backbone, weights_fingerprint
+    from odis_core.embed.inference import build_backbone, list_records
+    from odis_core.embed.shards import (
+        EmbedFinished,
+        EmbedSettings,
+        ShardDone,
+        close_distributed,
+        distributed_rank,
+        embed_to_directory,
+        init_distributed,
+        rank_device,
+        records_fingerprint,
+    )
     from odis_core.masks.store import read_store
     from odis_core.train.loop import resolve_device
 
     with cli_errors():
-        backbone, config = load_teacher_backbone(checkpoint)
+        dtype = "float16" if half else dtype
+        if dtype not in DTYPES:
+            raise ValueError(f"--dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+        if shard_size < 1:
+            raise ValueError(f"--shard-size {shard_size}: must be >= 1")
+        loaded = load_backbone(checkpoint, arch=arch)
+        backbone, weights = loaded.backbone, loaded.weights
         if random_init:
-            backbone = build_backbone(config)
+            if loaded.config is None:
+                raise ValueError("--random-init needs an odis run (its config and seed)")
+            backbone = build_backbone(loaded.config)
+            weights = weights_fingerprint(backbone.vit)
         store = read_store(masks) if masks is not None else None
-        with progress_callback(f"embedding ({level}, {mode})") as progress:
-            result = run_embed(
-                backbone, images, store, level=level, mode=mode,
-                image_size=image_size or config.global_size, batch_size=batch_size,
-                device=resolve_device(device), workers=workers, progress=progress,
-            )
-        features = result.features.astype("float16") if half else result.features
-        info = {
-            "backbone": config.arch, "checkpoint": str(checkpoint), "level": level,
-            "mode": mode if level == "object" else "cls", "random_init": random_init,
-            "dim": int(result.features.shape[1]), "skipped": result.skipped,
-        }
-        write_features(out, features, result.labels, result.meta, info)
+        records = list_records(images, store, level, mode)
+        rank, world_size, local_rank = distributed_rank()
+        device = rank_device(resolve_device(device), local_rank)
+        barrier = init_distributed(device)
+        size = image_size or loaded.image_size
+        settings = EmbedSettings(level, mode if level == "object" else "cls", size, shard_size,
+                                 dtype, weights, len(records), records_fingerprint(records))
+        info = {"backbone": loaded.name, "checkpoint": str(checkpoint), "level": level,
+                "mode": settings.mode, "random_init": random_init, "weights": weights,
+                "source": loaded.source}
+        events = embed_to_directory(backbone, images, records, store, out, settings, info,
+                                    batch_size=batch_size, device=device, workers=workers,
+                                    rank=rank, world_size=world_size, barrier=barrier)
+        finished = None
+        try:
+            with make_progress() as progress:
+                task = progress.add_task(f"embedding ({level}, {settings.mode})", total=None)
+                for event in events:
+                    if isinstance(event, ShardDone):
+                        # Rank 0 sees its own shards: one in `world_size` of all of them.
+                        progress.update(task, total=event.n_shards, advance=world_size)
+                    elif isinstance(event, EmbedFinished):
+                        finished = event
+        finally:
+            close_distributed()
+        if finished is not None and viz > 0:
+            from odis_core.embed.viz import write_viz
+
+            write_viz(backbone, images, records[:viz], store, out / "viz", size, device)
+    if finished is None:
+        return  # ranks other than 0: rank 0 reports
+    note = " (already complete)" if finished.already_complete else ""
     console.print(
-        f"{len(result.labels)} features ({level}, {info['mode']}) -> {out}; "
-        f"{len(result.skipped)} unreadable images skipped", highlight=False,
+        f"{finished.n_features} features ({level}, {settings.mode}, {dtype}) -> {out}{note}; "
+        f"{len(finished.skipped)} unreadable images skipped", highlight=False,
     )
-    for line in result.skipped[:20]:
+    for line in finished.skipped[:20]:
         console.print(f"[yellow]skipped[/yellow] {line}", highlight=False)
+    if viz > 0:
+        console.print(f"attention / PCA pictures -> {out / 'viz'}", highlight=False)

@@ -1,4 +1,4 @@
-"""`odis knn`: weighted k-NN evaluation (DINO protocol) with FAISS."""
+"""`odis knn`: weighted k-NN evaluation (DINO protocol) with FAISS or torch."""
 
 from __future__ import annotations
 
@@ -31,6 +31,16 @@ def knn_table(title: str, columns: dict[str, dict]) -> Table:
     return table
 
 
+def _category_names(*feature_sets) -> dict[int, str]:
+    names: dict[int, str] = {}
+    for features in feature_sets:
+        for row in features.meta:
+            label, name = row.get("category_id"), row.get("category")
+            if isinstance(label, int) and label >= 0 and name:
+                names.setdefault(label, str(name))
+    return names
+
+
 def knn(
     train: Annotated[Path, typer.Option(help="Feature directory of the training bank.")],
     test: Annotated[Path, typer.Option(help="Feature directory of the queries.")],
@@ -38,10 +48,34 @@ def knn(
     temperature: Annotated[float, typer.Option(help="Vote weight exp(sim / T).")] = 0.07,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the report here.")]
     = None,
+    backend: Annotated[
+        str, typer.Option(help="auto (FAISS GPU, else torch GPU, else FAISS CPU), faiss or "
+                          "torch (exact matmul + top-k).")
+    ] = "auto",
+    device: Annotated[
+        str | None, typer.Option(help="Device of the torch backend (default: cuda if seen).")
+    ] = None,
+    ivf: Annotated[
+        int | None, typer.Option(help="Approximate search: a FAISS IVF index with this many "
+                                 "cells (for banks past GPU memory); recall@k is reported.")
+    ] = None,
+    nprobe: Annotated[int, typer.Option(help="IVF cells visited per query.")] = 16,
+    chunk_size: Annotated[int, typer.Option(help="Queries per search call (bounds memory).")]
+    = 4096,
+    confusion: Annotated[
+        Path | None, typer.Option(help="Write the confusion matrix (top-1) as a PNG here.")
+    ] = None,
+    confusion_k: Annotated[
+        int | None, typer.Option(help="k of the confusion matrix (default 20, else first k).")
+    ] = None,
+    allow_mismatch: Annotated[
+        bool, typer.Option(help="Compare features of different backbones or levels anyway.")
+    ] = False,
 ) -> None:
     """Top-1 and top-5 accuracy of a temperature-weighted k-NN vote."""
-    from odis_core.embed.features import read_features
+    from odis_core.embed.features import check_same_embedding, read_features
     from odis_core.evaluate.knn import weighted_knn
+    from odis_core.evaluate.search import IvfSettings
 
     with cli_errors():
         try:
@@ -49,11 +83,43 @@ def knn(
         except ValueError:
             raise ValueError(f"--k {k!r}: expected comma-separated integers") from None
         bank, queries = read_features(train), read_features(test)
-        result = weighted_knn(bank.features, bank.labels, queries.features, queries.labels,
-                              ks=ks, temperature=temperature)
+        if not allow_mismatch:
+            check_same_embedding(bank, queries, train, test)
+        result = weighted_knn(
+            bank.features, bank.labels, queries.features, queries.labels, ks=ks,
+            temperature=temperature, chunk_size=chunk_size, backend=backend, device=device,
+            ivf=IvfSettings(ivf, nprobe) if ivf is not None else None, confusion_k=confusion_k,
+        )
+        names = _category_names(bank, queries)
         report = result.to_json()
+        report["category_names"] = {str(label): names.get(int(label), str(label))
+                                    for label in result.class_labels}
+        report["train"] = {"path": str(train), **{key: bank.info.get(key) for key in
+                                                  ("backbone", "level", "mode", "weights")}}
+        report["test"] = {"path": str(test), **{key: queries.info.get(key) for key in
+                                                ("backbone", "level", "mode", "weights")}}
         if json_out is not None:
-            json_out.write_text(json.dumps(report, indent=2) + "\n")
+            from odis_core.atomic import atomic_write
+
+            with atomic_write(json_out, "w", encoding="utf-8") as handle:
+                handle.write(json.dumps(report, indent=2) + "\n")
+        if confusion is not None:
+            from odis_core.evaluate.confusion import save_confusion_png
+
+            save_confusion_png(
+                result.confusion, [names.get(int(c), str(c)) for c in result.class_labels],
+                confusion, title=f"k-NN top-1 (k={result.confusion_k}, T={temperature})",
+            )
     title = (f"weighted k-NN (T={temperature}): {report['n_train']} train, "
-             f"{report['n_test']} test")
+             f"{report['n_test']} test, {report['backend']}")
     console.print(knn_table(title, {"": report}))
+    clamped = {key: used for key, used in result.effective_k.items() if used != key}
+    if clamped:
+        console.print(f"k clamped to the {result.n_train} training items: "
+                      + ", ".join(f"{key} -> {used}" for key, used in clamped.items()),
+                      highlight=False)
+    if result.ivf is not None:
+        recall = ", ".join(f"k={key}: {value:.3f}" for key, value
+                           in result.ivf["recall_at_k"].items())
+        console.print(f"IVF recall@k vs exact ({result.ivf['recall_queries']} queries): "
+                      f"{recall}", highlight=False)

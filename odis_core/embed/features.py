@@ -116,11 +116,11 @@ def write_features(
         handle.write(info_text)
 
 
-def _load_array(path: Path) -> np.ndarray:
+def _load_array(path: Path, mmap: bool = False) -> np.ndarray:
     if not path.is_file():
         raise FeatureDirError(f"{path}: missing (not a feature directory written by odis embed?)")
     try:
-        return np.load(path, allow_pickle=False)
+        return np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
     except (OSError, ValueError) as error:
         raise FeatureDirError(f"{path}: not a readable .npy array ({error})") from None
 
@@ -160,12 +160,15 @@ def read_features(path: Path | str) -> FeatureSet:
     """Read a feature directory; raises FeatureDirError naming the file at fault.
 
     features.npy, labels.npy and meta.jsonl are required and must have one row each per
-    item; info.json is optional (empty dict when absent).
+    item; info.json is optional (empty dict when absent). `features` is a read-only
+    memory map of features.npy.
     """
     path = Path(path)
     if not path.is_dir():
         raise FeatureDirError(f"{path}: not a feature directory (no such directory)")
-    features = _load_array(path / FEATURES_FILE)
+    # Memory-mapped: k-NN normalises the bank into its own float32 copy, so reading the
+    # file into memory first would hold an ImageNet bank twice.
+    features = _load_array(path / FEATURES_FILE, mmap=True)
     labels = _load_array(path / LABELS_FILE)
     if features.ndim != 2 or features.dtype not in FEATURE_DTYPES:
         raise FeatureDirError(f"{path / FEATURES_FILE}: expected (N, D) float32 or float16, "
@@ -179,3 +182,21 @@ def read_features(path: Path | str) -> FeatureSet:
                               f"{FEATURES_FILE}, {len(labels)} in {LABELS_FILE}, "
                               f"{len(meta)} in {META_FILE}")
     return FeatureSet(features, labels.astype(np.int64), meta, _load_info(path / INFO_FILE))
+
+
+# What must agree between a k-NN bank and its queries: features of two backbones (or of
+# objects vs whole images) share a dimension but not a space, and k-NN between them
+# returns numbers that look plausible and mean nothing.
+MATCHING_INFO_KEYS = ("backbone", "weights", "level")
+
+
+def check_same_embedding(train: FeatureSet, test: FeatureSet, train_path: Path | str,
+                         test_path: Path | str) -> None:
+    """Raise FeatureDirError when the two directories' info.json name a different backbone,
+    weights fingerprint or level (keys absent on either side are not compared)."""
+    for key in MATCHING_INFO_KEYS:
+        ours, theirs = train.info.get(key), test.info.get(key)
+        if ours is not None and theirs is not None and ours != theirs:
+            raise FeatureDirError(
+                f"{test_path}: {key} {theirs!r} differs from {train_path}'s {ours!r} "
+                "(features from different embeddings; --allow-mismatch to compare anyway)")

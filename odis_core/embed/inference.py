@@ -65,7 +65,10 @@ def load_teacher_backbone(checkpoint: Path | str) -> tuple[ObjViT, PretrainConfi
 
 
 class _ObjectInputs(Dataset):
-    """Per image: the model inputs of each of its objects (or of the image itself)."""
+    """Per image: its distinct model inputs ("images") and, per object (or for the image
+    itself), which of them it uses ("owner"), its patch mask and its meta row. Masked and
+    meanpool objects share their image's one tensor: it is decoded, resized, collated and
+    copied to the device once, and expanded per object on the device."""
 
     def __init__(
         self,
@@ -106,13 +109,15 @@ class _ObjectInputs(Dataset):
             label = largest.category_id if largest is not None else UNKNOWN_CATEGORY
             row = {"image": record.file_name, "image_id": record.image_id, "object_id": None,
                    "category_id": label, "box": [0, 0, image.width, image.height]}
-            return {"inputs": [self._resize(image)], "masks": [all_patches], "rows": [row]}
-        inputs, masks, rows = [], [], []
-        whole = self._resize(image) if self.mode in ("masked", "meanpool") else None
+            return {"images": [self._resize(image)], "owner": [0], "masks": [all_patches],
+                    "rows": [row]}
+        shared = self.mode in ("masked", "meanpool")
+        inputs = [self._resize(image)] if shared and objects else []
+        owner, masks, rows = [], [], []
         for obj in objects:
-            mask = MaskStore.decode(obj, image.height, image.width)
-            if self.mode in ("masked", "meanpool"):
-                inputs.append(whole)
+            owner.append(0 if shared else len(inputs))
+            if shared:
+                mask = MaskStore.decode(obj, image.height, image.width)
                 masks.append(self._patch_mask(mask))
             elif self.mode == "crop":
                 x, y, w, h = obj.bbox_xywh
@@ -121,26 +126,30 @@ class _ObjectInputs(Dataset):
                 masks.append(all_patches)
             else:  # blackout
                 pixels = np.asarray(image).copy()
-                pixels[~mask] = 0
+                pixels[~MaskStore.decode(obj, image.height, image.width)] = 0
                 inputs.append(self._resize(Image.fromarray(pixels)))
                 masks.append(all_patches)
             rows.append({"image": record.file_name, "image_id": record.image_id,
                          "object_id": obj.object_id, "category_id": obj.category_id,
                          "box": [round(v, 2) for v in obj.bbox_xywh]})
-        return {"inputs": inputs, "masks": masks, "rows": rows}
+        return {"images": inputs, "owner": owner, "masks": masks, "rows": rows}
 
 
 def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
-    inputs, masks, rows, skipped = [], [], [], []
+    """Distinct images (M, 3, H, W), per object the row of its image "owner" (K,) int64,
+    patch masks (K, N) bool, K meta rows and the skipped images' reasons."""
+    images, owner, masks, rows, skipped = [], [], [], [], []
     for item in items:
         if "skipped" in item:
             skipped.append(item["skipped"])
             continue
-        inputs += item["inputs"]
+        owner += [len(images) + index for index in item["owner"]]
+        images += item["images"]
         masks += item["masks"]
         rows += item["rows"]
     return {
-        "inputs": torch.stack(inputs) if inputs else None,
+        "images": torch.stack(images) if images else None,
+        "owner": torch.tensor(owner, dtype=torch.int64),
         "masks": torch.stack(masks) if masks else None,
         "rows": rows,
         "skipped": skipped,
@@ -166,19 +175,44 @@ def embed(
     Without a store (image level only), every image under `images_root` is embedded with
     label -1; with one, the image's label is the category of its largest object.
     """
+    records = list_records(images_root, store, level, mode)
+    return embed_records(backbone, images_root, records, store, level, mode, image_size,
+                         batch_size, device, workers, progress)
+
+
+def list_records(
+    images_root: Path | str, store: MaskStore | None, level: str, mode: str
+) -> list[ImageRecord]:
+    """The images to embed, in a fixed order: the store's, or the folder's sorted listing.
+    Checks the level/mode/store combination first."""
     if level not in LEVELS:
         raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
     if level == "object" and mode not in OBJECT_MODES:
         raise ValueError(f"mode must be one of {OBJECT_MODES}, got {mode!r}")
     if level == "object" and store is None:
         raise ValueError("object-level features need a mask store (--masks)")
-    images_root = Path(images_root)
     if store is not None:
-        records = list(store.images)
-    else:
-        records = [ImageRecord(i, name, 0, 0) for i, name in enumerate(list_images(images_root))]
+        return list(store.images)
+    return [ImageRecord(i, name, 0, 0) for i, name in enumerate(list_images(images_root))]
+
+
+@torch.no_grad()
+def embed_records(
+    backbone: ObjViT,
+    images_root: Path | str,
+    records: list[ImageRecord],
+    store: MaskStore | None,
+    level: str = "object",
+    mode: str = "masked",
+    image_size: int = 224,
+    batch_size: int = 64,
+    device: str = "cpu",
+    workers: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+) -> EmbedResult:
+    """Features of the objects (or images) of `records`, in their order (see `embed`)."""
     dataset = _ObjectInputs(
-        images_root, records, store, level, mode, image_size, backbone.patch_size
+        Path(images_root), records, store, level, mode, image_size, backbone.patch_size
     )
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=_collate)
     backbone = backbone.to(device).eval()
@@ -187,8 +221,9 @@ def embed(
     done = 0
     for batch in loader:
         skipped += batch["skipped"]
-        if batch["inputs"] is not None:
-            inputs = batch["inputs"].to(device, non_blocking=True)
+        if batch["masks"] is not None:
+            images = batch["images"].to(device, non_blocking=True)
+            inputs = images[batch["owner"].to(device, non_blocking=True)]
             masks = batch["masks"].to(device, non_blocking=True)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
                 if mode == "meanpool" and level == "object":

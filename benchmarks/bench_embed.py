@@ -1,0 +1,193 @@
+"""Embedding throughput: the model alone, the input pipeline alone, and `embed` end to end.
+
+For each architecture: images/s at image level ([CLS] = unmasked [OBJ]) and objects/s at
+object level (masked inference, one pass per object) with synthetic input tensors (the
+model's ceiling); images/s of the decode + resize + normalise pipeline over a folder of
+500 x 375 JPEGs with `--workers` processes (the input's ceiling); and both levels end to
+end through `odis_core.embed.inference.embed`. The smaller ceiling is the bottleneck.
+bf16 autocast on CUDA, float32 on the CPU (as `odis embed` does).
+
+    python3 benchmarks/bench_embed.py --quick                      # CPU, seconds
+    python3 benchmarks/bench_embed.py --archs vit_small,vit_base --batch-size 256 \\
+        --n-images 4096 --workers 16 --device cuda                  # the GPU goal run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from rich.console import Console
+from rich.table import Table
+
+from odis_core.embed.inference import _collate, _ObjectInputs, embed
+from odis_core.masks.coco import import_coco
+from odis_core.model.obj_vit import ObjViT
+
+
+def make_folder(root: Path, n_images: int, objects_per_image: int, seed: int = 0):
+    """JPEGs of ImageNet's typical size (500 x 375) and a boxes-only COCO file -> store."""
+    rng = np.random.default_rng(seed)
+    images_dir = root / "images"
+    images_dir.mkdir(parents=True)
+    coco = {"images": [], "annotations": [], "categories": [{"id": 1, "name": "thing"}]}
+    y, x = np.mgrid[0:375, 0:500]
+    for index in range(n_images):
+        # Smooth colour fields plus noise: decodes like a photo, not like flat colour.
+        base = np.stack(
+            [(x * rng.uniform(0.2, 0.5) + y * rng.uniform(0.1, 0.4)) % 256 for _ in range(3)],
+            axis=-1,
+        )
+        pixels = (base + rng.normal(0, 12, base.shape)).clip(0, 255).astype(np.uint8)
+        name = f"{index:05d}.jpg"
+        Image.fromarray(pixels).save(images_dir / name, quality=90)
+        coco["images"].append({"id": index, "file_name": name, "width": 500, "height": 375})
+        for obj in range(objects_per_image):
+            w, h = rng.uniform(60, 250), rng.uniform(60, 200)
+            bx, by = rng.uniform(0, 500 - w), rng.uniform(0, 375 - h)
+            coco["annotations"].append(
+                {
+                    "id": index * 100 + obj,
+                    "image_id": index,
+                    "category_id": 1,
+                    "iscrowd": 0,
+                    "bbox": [bx, by, w, h],
+                    "area": w * h,
+                }
+            )
+    (root / "coco.json").write_text(json.dumps(coco))
+    store, _ = import_coco(root / "coco.json", root / "store", images_root=images_dir)
+    return images_dir, store
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+@torch.no_grad()
+def model_rate(
+    backbone: ObjViT, batch: int, size: int, masked: bool, iters: int, device: str
+) -> float:
+    """Items per second of the backbone alone on random inputs."""
+    images = torch.randn(batch, 3, size, size, device=device)
+    n_patches = (size // backbone.patch_size) ** 2
+    mask = None
+    if masked:
+        mask = torch.rand(batch, n_patches, device=device) < 0.3
+        mask[:, 0] = True
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda")):
+        backbone(images, obj_patch_mask=mask)  # warm-up (kernels, allocator)
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(iters):
+            backbone(images, obj_patch_mask=mask)
+        sync(device)
+    return batch * iters / (time.perf_counter() - start)
+
+
+def pipeline_rate(images_dir, store, level, size, patch, batch, workers) -> float:
+    """Images per second of decode + resize + normalise (+ object masks) alone."""
+    dataset = _ObjectInputs(images_dir, list(store.images), store, level, "masked", size, patch)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch, num_workers=workers, collate_fn=_collate
+    )
+    start = time.perf_counter()
+    for _ in loader:
+        pass
+    return len(dataset) / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--archs", default="vit_small,vit_base")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--batch-size", type=int, default=64, help="images per batch")
+    parser.add_argument("--n-images", type=int, default=256)
+    parser.add_argument("--objects-per-image", type=int, default=4)
+    parser.add_argument("--iters", type=int, default=10, help="timed model batches")
+    parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="small sizes for a CPU run")
+    options = parser.parse_args()
+    if options.quick:
+        options.batch_size, options.n_images, options.iters = 8, 16, 2
+    device, size = options.device, options.image_size
+
+    console = Console(width=160)
+    table = Table(
+        title=f"embed throughput on {device} ({'bf16' if 'cuda' in device else 'fp32'}"
+        f"), {size} px, batch {options.batch_size} images, "
+        f"{options.objects_per_image} objects/image, {options.workers} workers"
+    )
+    for column in (
+        "arch",
+        "model img/s (image)",
+        "model obj/s (masked)",
+        "input img/s (image)",
+        "input img/s (object)",
+        "embed img/s (image)",
+        "embed obj/s (masked)",
+        "bottleneck",
+    ):
+        table.add_column(column, justify="right")
+    with tempfile.TemporaryDirectory() as tmp:
+        images_dir, store = make_folder(Path(tmp), options.n_images, options.objects_per_image)
+        n_objects = len(store.objects)
+        for arch in options.archs.split(","):
+            backbone = ObjViT(arch, img_size=size, drop_path_rate=0.0).to(device).eval()
+            model_images = model_rate(
+                backbone, options.batch_size, size, False, options.iters, device
+            )
+            model_objects = model_rate(
+                backbone,
+                options.batch_size * options.objects_per_image,
+                size,
+                True,
+                options.iters,
+                device,
+            )
+            patch = backbone.patch_size
+            input_image = pipeline_rate(
+                images_dir, store, "image", size, patch, options.batch_size, options.workers
+            )
+            input_object = pipeline_rate(
+                images_dir, store, "object", size, patch, options.batch_size, options.workers
+            )
+            rates = {}
+            for level in ("image", "object"):
+                start = time.perf_counter()
+                embed(
+                    backbone,
+                    images_dir,
+                    store,
+                    level=level,
+                    image_size=size,
+                    batch_size=options.batch_size,
+                    device=device,
+                    workers=options.workers,
+                )
+                sync(device)
+                rates[level] = time.perf_counter() - start
+            bottleneck = "input" if input_image < model_images else "model"
+            table.add_row(
+                arch,
+                f"{model_images:,.1f}",
+                f"{model_objects:,.1f}",
+                f"{input_image:,.1f}",
+                f"{input_object:,.1f}",
+                f"{options.n_images / rates['image']:,.1f}",
+                f"{n_objects / rates['object']:,.1f}",
+                bottleneck,
+            )
+    console.print(table)
+
+
+if __name__ == "__main__":
+    main()
