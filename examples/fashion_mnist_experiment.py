@@ -30,6 +30,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -81,10 +82,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--source", type=Path, default=DEFAULT_SOURCE,
                         help="folder of the Fashion-MNIST IDX files")
     parser.add_argument("--tiny", action="store_true", help="a few steps on a few scenes")
-    parser.add_argument("--train-scenes", type=int, default=1280)
+    parser.add_argument("--train-scenes", type=int, default=1536)
     parser.add_argument("--test-scenes", type=int, default=400)
     parser.add_argument("--canvas-size", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=160, help="optimizer steps per arm")
+    parser.add_argument("--steps", type=int, default=96, help="optimizer steps per arm")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--arch", default="vit_tiny")
     parser.add_argument("--depth", type=int, default=4, help="0: the architecture's own")
@@ -151,9 +152,11 @@ def build_data(args: argparse.Namespace) -> tuple[dict[str, Path], dict[str, Mas
 def train_arm(name: str, config: PretrainConfig, images: Path, store: MaskStore,
               run_dir: Path) -> dict[str, Any]:
     """Pretrain one arm (skipped when RUN_DIR already holds a finished run)."""
-    report_path = run_dir / "report.json"
-    if report_path.is_file():
+    report_path, config_path = run_dir / "report.json", run_dir / "config.json"
+    wanted = json.loads(json.dumps(config.resolved().to_dict()))
+    if report_path.is_file() and json.loads(config_path.read_text()) == wanted:
         return json.loads(report_path.read_text())
+    shutil.rmtree(run_dir, ignore_errors=True)  # another budget or recipe: start over
     started, report = time.perf_counter(), {}
     for event in pretrain(config, images, store, run_dir):
         if isinstance(event, StepDone) and (event.step % 50 == 0 or event.step == 1):
@@ -163,7 +166,7 @@ def train_arm(name: str, config: PretrainConfig, images: Path, store: MaskStore,
             report = dict(event.report)
     report["wall_seconds"] = round(time.perf_counter() - started, 1)
     report_path.write_text(json.dumps(report, indent=2) + "\n")
-    return report
+    return {**report, "trained_now": True}
 
 
 def full_image_features(backbone: ObjViT, images: Path, store: MaskStore, image_size: int,
@@ -272,6 +275,19 @@ def rich_table(results: dict[str, dict[str, Any]], title: str) -> Table:
 # --------------------------------------------------------------------------- main
 
 
+def forget_other_runs(args: argparse.Namespace, config: PretrainConfig) -> None:
+    """Drop cached runs and k-NN results of another dataset or recipe in WORKDIR."""
+    data = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
+            if k in ("source", "train_scenes", "test_scenes", "canvas_size", "seed")}
+    fingerprint = json.loads(json.dumps({"data": data, "pretrain": config.to_dict()}))
+    path = args.workdir / "fingerprint.json"
+    if path.is_file() and json.loads(path.read_text()) != fingerprint:
+        for stale in ("runs", "knn"):
+            shutil.rmtree(args.workdir / stale, ignore_errors=True)
+    path.write_text(json.dumps(fingerprint, indent=2) + "\n")
+
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     selected = {slug(a) for a in args.arms.split(",") if a}
@@ -287,6 +303,7 @@ def main(argv: list[str] | None = None) -> None:
     images, stores = build_data(args)
     iters_per_epoch = max(1, len(stores["train"].images) // args.batch_size)
     config = base_config(args, iters_per_epoch)
+    forget_other_runs(args, config)
 
     results: dict[str, dict[str, Any]] = {}
     training: dict[str, Any] = {}
@@ -298,15 +315,18 @@ def main(argv: list[str] | None = None) -> None:
     for name, overrides in arms.items():
         console.print(f"pretraining [bold]{name}[/bold] ({args.steps} steps)")
         run_dir = args.workdir / "runs" / slug(name)
+        knn_cache = args.workdir / "knn" / slug(name)
         report = train_arm(name, dataclasses.replace(config, **overrides), images["train"],
                            stores["train"], run_dir)
+        if report.get("trained_now"):
+            shutil.rmtree(knn_cache, ignore_errors=True)  # results of an earlier run's weights
         training[name] = {k: report.get(k) for k in ("steps", "wall_seconds",
                                                      "images_per_second",
                                                      "whole_image_fallbacks")}
         backbone, run_config = load_teacher_backbone(run_dir)
         console.print(f"evaluating {name}")
         results[name] = evaluate(backbone, run_config.global_size, images, stores, device,
-                                 args.workdir / "knn" / slug(name))
+                                 knn_cache)
 
     results = {name: results[name] for name in [*arms, UNTRAINED]}  # floor row last
     test_labels = np.asarray([o.category_id for o in stores["test"].objects])

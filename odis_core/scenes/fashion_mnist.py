@@ -185,6 +185,7 @@ class PastedItem:
 
     category_id: int  # source label + 1
     source_index: int  # index of the item in its split's IDX file
+    box_xyxy: tuple[int, int, int, int]  # where the resized item square was pasted
     full_mask: np.ndarray  # (H, W) bool: the item's silhouette, before occlusion
     visible_mask: np.ndarray  # (H, W) bool: full_mask minus what later items cover
     paint_rgb: np.ndarray  # (H, W, 3) uint8: the tinted item; meaningful under full_mask
@@ -216,9 +217,10 @@ def _item_colour(rng: np.random.Generator, tint: float) -> np.ndarray:
 def _try_place(
     rng: np.random.Generator, item: np.ndarray, placed: list[tuple[np.ndarray, np.ndarray]],
     config: FashionSceneConfig,
-) -> tuple[np.ndarray, np.ndarray] | None:
-    """One placement attempt: the (H, W) full mask and (H, W) item intensity in 0..1, or
-    None when the item would be too small or would hide too much of an earlier one."""
+) -> tuple[np.ndarray, np.ndarray, tuple[int, int, int, int]] | None:
+    """One placement attempt: the (H, W) full mask, the (H, W) item intensity in 0..1 and
+    the paste box, or None when the item would be too small or would hide too much of an
+    earlier one."""
     size = config.canvas_size
     side = min(size, max(2, round(size * rng.uniform(*config.object_scale))))
     x0, y0 = (int(v) for v in rng.integers(0, size - side + 1, size=2))
@@ -234,7 +236,7 @@ def _try_place(
         visible = int((earlier_visible & ~full).sum())
         if visible < keep * int(earlier_full.sum()) or visible < config.min_object_pixels:
             return None
-    return full, intensity
+    return full, intensity, (x0, y0, x0 + side, y0 + side)
 
 
 def compose_fashion_scene(
@@ -250,7 +252,7 @@ def compose_fashion_scene(
     for _ in range(config.scene_restarts):
         n_items = int(rng.integers(config.min_objects, config.max_objects + 1))
         placed: list[tuple[np.ndarray, np.ndarray]] = []  # (full, visible)
-        chosen: list[tuple[int, np.ndarray]] = []  # (source index, paint)
+        chosen: list[tuple[int, tuple[int, int, int, int], np.ndarray]] = []  # index, box, paint
         for _ in range(n_items):
             index = int(rng.integers(len(items.images)))
             for _ in range(config.placement_tries):
@@ -259,11 +261,11 @@ def compose_fashion_scene(
                     break
             if placement is None:
                 break
-            full, intensity = placement
+            full, intensity, box = placement
             paint = intensity[..., None] * _item_colour(rng, config.tint)
             placed = [(f, visible & ~full) for f, visible in placed]
             placed.append((full, full.copy()))
-            chosen.append((index, np.clip(np.rint(paint), 0, 255).astype(np.uint8)))
+            chosen.append((index, box, np.clip(np.rint(paint), 0, 255).astype(np.uint8)))
         if len(placed) >= config.min_objects:
             break
     else:
@@ -274,10 +276,10 @@ def compose_fashion_scene(
         )
     image = background.copy()
     pasted = []
-    for (full, visible), (index, paint) in zip(placed, chosen, strict=True):
+    for (full, visible), (index, box, paint) in zip(placed, chosen, strict=True):
         image[full] = paint[full]
         category_id = int(items.labels[index]) + 1
-        pasted.append(PastedItem(category_id, index, full, visible, paint))
+        pasted.append(PastedItem(category_id, index, box, full, visible, paint))
     return FashionScene(image=image, background=background, items=tuple(pasted))
 
 
