@@ -82,10 +82,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--source", type=Path, default=DEFAULT_SOURCE,
                         help="folder of the Fashion-MNIST IDX files")
     parser.add_argument("--tiny", action="store_true", help="a few steps on a few scenes")
-    parser.add_argument("--train-scenes", type=int, default=1536)
-    parser.add_argument("--test-scenes", type=int, default=400)
+    parser.add_argument("--train-scenes", type=int, default=1024)
+    parser.add_argument("--test-scenes", type=int, default=300)
+    parser.add_argument("--bank-scenes", type=int, default=512,
+                        help="train scenes whose objects form the k-NN bank (0: all)")
     parser.add_argument("--canvas-size", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=96, help="optimizer steps per arm")
+    parser.add_argument("--steps", type=int, default=64, help="optimizer steps per arm")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--arch", default="vit_tiny")
     parser.add_argument("--depth", type=int, default=4, help="0: the architecture's own")
@@ -100,6 +102,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.tiny:
         args.train_scenes, args.test_scenes, args.steps, args.batch_size = 12, 6, 2, 4
+        args.bank_scenes = 8
         args.depth, args.workers, args.canvas_size = 1, 0, 32
     return args
 
@@ -146,7 +149,21 @@ def build_data(args: argparse.Namespace) -> tuple[dict[str, Path], dict[str, Mas
     stores = {name: import_coco(split.annotations, args.workdir / "masks" / name,
                                 images_root=split.images_dir)[0]
               for name, split in splits.items()}
+    images["bank"], stores["bank"] = images["train"], first_images(stores["train"],
+                                                                   args.bank_scenes)
     return images, stores
+
+
+def first_images(store: MaskStore, n_images: int) -> MaskStore:
+    """The store restricted to its first `n_images` images (all when 0): a smaller k-NN
+    bank keeps the evaluation of many arms and modes affordable on a CPU."""
+    if n_images <= 0 or n_images >= len(store.images):
+        return store
+    images = store.images[:n_images]
+    kept = {image.image_id for image in images}
+    return MaskStore(images, [o for o in store.objects if o.image_id in kept],
+                     categories=store.categories, source=store.source,
+                     images_root=store.images_root)
 
 
 def train_arm(name: str, config: PretrainConfig, images: Path, store: MaskStore,
@@ -204,7 +221,7 @@ def evaluate(backbone: ObjViT, image_size: int, images: dict[str, Path],
         path = cache / f"{mode}.json"
         if not path.is_file():
             started = time.perf_counter()
-            train = object_features(backbone, mode, images["train"], stores["train"],
+            train = object_features(backbone, mode, images["bank"], stores["bank"],
                                     image_size, device)
             test = object_features(backbone, mode, images["test"], stores["test"],
                                    image_size, device)
@@ -278,7 +295,8 @@ def rich_table(results: dict[str, dict[str, Any]], title: str) -> Table:
 def forget_other_runs(args: argparse.Namespace, config: PretrainConfig) -> None:
     """Drop cached runs and k-NN results of another dataset or recipe in WORKDIR."""
     data = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
-            if k in ("source", "train_scenes", "test_scenes", "canvas_size", "seed")}
+            if k in ("source", "train_scenes", "test_scenes", "bank_scenes", "canvas_size",
+                     "seed")}
     fingerprint = json.loads(json.dumps({"data": data, "pretrain": config.to_dict()}))
     path = args.workdir / "fingerprint.json"
     if path.is_file() and json.loads(path.read_text()) != fingerprint:
