@@ -68,14 +68,21 @@ def fashion_mnist(
     Train scenes use only the train split's items, test scenes only the test split's."""
     from odis_core.scenes.fashion_mnist import FashionSceneConfig, generate_fashion_scenes
 
-    options = dict(canvas_size=canvas_size, min_objects=min_objects, max_objects=max_objects,
-                   object_scale=object_scale, background=background, tint=tint,
-                   occlusion_limit=occlusion_limit)
+    options = dict(
+        canvas_size=canvas_size,
+        min_objects=min_objects,
+        max_objects=max_objects,
+        object_scale=object_scale,
+        background=background,
+        tint=tint,
+        occlusion_limit=occlusion_limit,
+    )
     with cli_errors():
         config = FashionSceneConfig(**{k: v for k, v in options.items() if v is not None})
         with progress_callback("composing scenes") as progress:
-            splits = generate_fashion_scenes(source, out, train, test, seed=seed, config=config,
-                                             progress=progress)
+            splits = generate_fashion_scenes(
+                source, out, train, test, seed=seed, config=config, progress=progress
+            )
     table = Table(title=f"Fashion-MNIST scenes in {out}")
     for column in ("split", "images", "objects", "annotations"):
         table.add_column(column, justify="left" if column in ("split", "annotations") else "right")

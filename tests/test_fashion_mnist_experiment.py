@@ -7,25 +7,44 @@ from pathlib import Path
 
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "fashion_mnist_experiment.py"
 ARMS = {
-    "odis": {"objective": "odis", "masked_attention": True, "object_crops": True,
-             "feature": "obj"},
-    "ibot_image_objective": {"objective": "image", "masked_attention": False,
-                             "object_crops": False, "feature": "obj"},
-    "odis_no_masked_attention": {"objective": "odis", "masked_attention": False,
-                                 "object_crops": True, "feature": "obj"},
-    "odis_no_object_aware_crops": {"objective": "odis", "masked_attention": True,
-                                   "object_crops": False, "feature": "obj"},
+    "odis": {"objective": "odis", "masked_attention": True, "object_crops": True, "feature": "obj"},
+    "ibot_image_objective": {
+        "objective": "image",
+        "masked_attention": False,
+        "object_crops": False,
+        "feature": "obj",
+    },
+    "odis_no_masked_attention": {
+        "objective": "odis",
+        "masked_attention": False,
+        "object_crops": True,
+        "feature": "obj",
+    },
+    "odis_no_object_aware_crops": {
+        "objective": "odis",
+        "masked_attention": True,
+        "object_crops": False,
+        "feature": "obj",
+    },
     "odis_meanpool_feature": {"objective": "odis", "object_crops": True, "feature": "meanpool"},
 }
 MODES = ("masked", "crop", "blackout", "full-image", "meanpool")
 
 
-def test_experiment_trains_every_arm_on_one_budget_and_scores_every_mode(fashion_idx_dir,
-                                                                         tmp_path):
+def test_experiment_trains_every_arm_on_one_budget_and_scores_every_mode(fashion_idx_dir, tmp_path):
     completed = subprocess.run(
-        [sys.executable, str(SCRIPT), "--workdir", str(tmp_path / "work"), "--tiny",
-         "--source", str(fashion_idx_dir)],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--workdir",
+            str(tmp_path / "work"),
+            "--tiny",
+            "--source",
+            str(fashion_idx_dir),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert completed.returncode == 0, completed.stderr[-2000:]
     work = tmp_path / "work"
@@ -40,8 +59,9 @@ def test_experiment_trains_every_arm_on_one_budget_and_scores_every_mode(fashion
 
     summary = json.loads((work / "results.json").read_text())
     assert len(summary["results"]) == len(ARMS) + 1  # the five arms and the untrained floor
-    n_objects = len(json.loads((work / "scenes" / "test" / "annotations.json").read_text())
-                    ["annotations"])
+    n_objects = len(
+        json.loads((work / "scenes" / "test" / "annotations.json").read_text())["annotations"]
+    )
     for arm, reports in summary["results"].items():
         assert set(reports) == set(MODES), arm
         for mode, report in reports.items():

@@ -31,7 +31,7 @@ def _centre_is_filled(item) -> bool:
     always for the fixture's square train items, never for its ring test items."""
     x0, y0, x1, y1 = item.box_xyxy
     cx, cy = (x0 + x1) // 2, (y0 + y1) // 2
-    centre = item.full_mask[cy - 1:cy + 1, cx - 1:cx + 1]
+    centre = item.full_mask[cy - 1 : cy + 1, cx - 1 : cx + 1]
     assert centre.all() or not centre.any()
     return bool(centre.all())
 
@@ -53,11 +53,14 @@ def test_read_idx_gzipped_and_raw_give_the_same_array(tmp_path):
     np.testing.assert_array_equal(read_idx(tmp_path / "a.gz"), array)
 
 
-@pytest.mark.parametrize("content, problem", [
-    (b"\x89PNG\r\n\x1a\n", "bad magic"),
-    (bytes([0, 0, 8, 1]) + (10).to_bytes(4, "big") + b"\x00" * 9, "promises 10 data bytes"),
-    (bytes([0, 0, 8, 3, 0, 0]), "truncated"),
-])
+@pytest.mark.parametrize(
+    "content, problem",
+    [
+        (b"\x89PNG\r\n\x1a\n", "bad magic"),
+        (bytes([0, 0, 8, 1]) + (10).to_bytes(4, "big") + b"\x00" * 9, "promises 10 data bytes"),
+        (bytes([0, 0, 8, 3, 0, 0]), "truncated"),
+    ],
+)
 def test_read_idx_names_the_file_and_the_problem(tmp_path, content, problem):
     path = tmp_path / "train-labels-idx1-ubyte"
     path.write_bytes(content)
@@ -73,7 +76,8 @@ def test_load_items_reads_both_spellings_and_checks_the_source(fashion_idx_dir, 
     with pytest.raises(SourceDataError, match="no train-images-idx3-ubyte"):
         load_items(tmp_path, "train")
     (fashion_idx_dir / "t10k-labels.idx1-ubyte").write_bytes(
-        bytes([0, 0, 8, 1]) + (3).to_bytes(4, "big") + bytes([0, 1, 2]))
+        bytes([0, 0, 8, 1]) + (3).to_bytes(4, "big") + bytes([0, 1, 2])
+    )
     with pytest.raises(SourceDataError, match="expected 20 labels"):
         load_items(fashion_idx_dir, "test")
 
@@ -90,8 +94,11 @@ def test_labels_outside_the_ten_classes_are_refused(make_fashion_idx_dir):
 def test_no_test_item_reaches_a_train_scene(make_fashion_idx_dir, tmp_path):
     # Disjoint classes per split as well as disjoint shapes: the written files are checked
     # twice, by category and by what the pasted silhouettes look like.
-    source = make_fashion_idx_dir("disjoint", train_labels=[i % 5 for i in range(40)],
-                                  test_labels=[5 + i % 5 for i in range(20)])
+    source = make_fashion_idx_dir(
+        "disjoint",
+        train_labels=[i % 5 for i in range(40)],
+        test_labels=[5 + i % 5 for i in range(20)],
+    )
     splits = generate_fashion_scenes(source, tmp_path / "scenes", 12, 8, seed=3, config=SMALL)
     for split, allowed in (("train", set(range(1, 6))), ("test", set(range(6, 11)))):
         coco = json.loads(splits[split].annotations.read_text())
@@ -116,11 +123,12 @@ def test_masks_are_the_pasted_silhouettes(fashion_idx_dir):
             expected[y0:y1, x0:x1] = resized >= SMALL.silhouette_threshold
             np.testing.assert_array_equal(item.full_mask, expected)
             later = np.zeros_like(covered)
-            for other in scene.items[position + 1:]:
+            for other in scene.items[position + 1 :]:
                 later |= other.full_mask
             np.testing.assert_array_equal(item.visible_mask, item.full_mask & ~later)
-            np.testing.assert_array_equal(scene.image[item.visible_mask],
-                                          item.paint_rgb[item.visible_mask])
+            np.testing.assert_array_equal(
+                scene.image[item.visible_mask], item.paint_rgb[item.visible_mask]
+            )
             assert item.category_id == items.labels[item.source_index] + 1
             covered |= item.full_mask
         np.testing.assert_array_equal(scene.image[~covered], scene.background[~covered])
@@ -143,12 +151,19 @@ def test_written_annotations_decode_to_the_visible_masks(fashion_idx_dir, tmp_pa
         np.testing.assert_array_equal(png, scene.image)
 
 
-@pytest.mark.parametrize("limit, scale", [(0.0, (0.3, 0.45)), (0.25, (0.5, 0.8)),
-                                          (0.5, (0.5, 0.8))])
+@pytest.mark.parametrize(
+    "limit, scale", [(0.0, (0.3, 0.45)), (0.25, (0.5, 0.8)), (0.5, (0.5, 0.8))]
+)
 def test_occlusion_limit_is_respected(fashion_idx_dir, limit, scale):
     items = load_items(fashion_idx_dir, "train")
-    config = FashionSceneConfig(canvas_size=48, object_scale=scale, occlusion_limit=limit,
-                                min_objects=2, max_objects=4, min_object_area=0.0)
+    config = FashionSceneConfig(
+        canvas_size=48,
+        object_scale=scale,
+        occlusion_limit=limit,
+        min_objects=2,
+        max_objects=4,
+        min_object_area=0.0,
+    )
     for scene in _scenes(items, 25, seed=11, config=config):
         assert 2 <= len(scene.items) <= 4
         for item in scene.items:
@@ -158,25 +173,33 @@ def test_occlusion_limit_is_respected(fashion_idx_dir, limit, scale):
 def test_a_loose_occlusion_limit_does_let_items_hide_each_other(fashion_idx_dir):
     # Without this, the test above could pass on scenes that never overlap at all.
     items = load_items(fashion_idx_dir, "train")
-    config = FashionSceneConfig(canvas_size=48, object_scale=(0.5, 0.8), occlusion_limit=0.95,
-                                min_object_area=0.0)
-    fractions = [item.visible_mask.sum() / item.full_mask.sum()
-                 for scene in _scenes(items, 25, seed=11, config=config) for item in scene.items]
+    config = FashionSceneConfig(
+        canvas_size=48, object_scale=(0.5, 0.8), occlusion_limit=0.95, min_object_area=0.0
+    )
+    fractions = [
+        item.visible_mask.sum() / item.full_mask.sum()
+        for scene in _scenes(items, 25, seed=11, config=config)
+        for item in scene.items
+    ]
     assert min(fractions) < 0.5
 
 
 def test_options_change_the_scenes(fashion_idx_dir):
     items = load_items(fashion_idx_dir, "train")
-    grey = _scenes(items, 3, config=FashionSceneConfig(canvas_size=48, tint=0.0,
-                                                       background="black"))
+    grey = _scenes(
+        items, 3, config=FashionSceneConfig(canvas_size=48, tint=0.0, background="black")
+    )
     for scene in grey:
         assert not scene.background.any()
         for item in scene.items:
             painted = item.paint_rgb[item.full_mask].astype(int)
             assert (painted.max(axis=1) - painted.min(axis=1)).max() <= 1  # grey: R = G = B
     tinted = _scenes(items, 3, config=FashionSceneConfig(canvas_size=48, tint=1.0))
-    spreads = [np.ptp(item.paint_rgb[item.full_mask].astype(int), axis=1).max()
-               for scene in tinted for item in scene.items]
+    spreads = [
+        np.ptp(item.paint_rgb[item.full_mask].astype(int), axis=1).max()
+        for scene in tinted
+        for item in scene.items
+    ]
     assert max(spreads) > 60
     assert all(s.image.shape == (48, 48, 3) for s in grey)
 
@@ -194,16 +217,23 @@ def test_same_seed_same_bytes_other_seed_other_scenes(fashion_idx_dir, tmp_path)
 
 def test_the_scenes_import_into_a_mask_store(fashion_idx_dir, tmp_path):
     splits = generate_fashion_scenes(fashion_idx_dir, tmp_path, 4, 2, config=SMALL)
-    store, report = import_coco(splits["train"].annotations, tmp_path / "store",
-                                images_root=splits["train"].images_dir)
+    store, report = import_coco(
+        splits["train"].annotations, tmp_path / "store", images_root=splits["train"].images_dir
+    )
     assert len(store.objects) == splits["train"].n_objects and report.n_missing_images == 0
     assert store.category_name(8) == "Sneaker"
 
 
-@pytest.mark.parametrize("field, value", [
-    ("tint", 1.5), ("occlusion_limit", 1.0), ("background", "stripes"), ("min_objects", 0),
-    ("object_scale", (0.5, 0.2)),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("tint", 1.5),
+        ("occlusion_limit", 1.0),
+        ("background", "stripes"),
+        ("min_objects", 0),
+        ("object_scale", (0.5, 0.2)),
+    ],
+)
 def test_bad_config_is_refused_with_its_name(field, value):
     with pytest.raises(ValueError, match=field):
         FashionSceneConfig(**{field: value})

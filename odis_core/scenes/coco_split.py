@@ -107,16 +107,24 @@ def write_scene_split(
         height, width = image.shape[:2]
         images.append({"id": image_id, "file_name": file_name, "width": width, "height": height})
         for obj in objects:
-            record = object_from_mask(obj.visible_mask, len(annotations) + 1, image_id,
-                                      obj.category_id)
-            annotations.append({"id": record.object_id, "image_id": image_id,
-                                "category_id": obj.category_id, "segmentation": record.rle,
-                                "area": record.area, "bbox": list(record.bbox_xywh),
-                                "iscrowd": 0, **obj.extra})
+            record = object_from_mask(
+                obj.visible_mask, len(annotations) + 1, image_id, obj.category_id
+            )
+            annotations.append(
+                {
+                    "id": record.object_id,
+                    "image_id": image_id,
+                    "category_id": obj.category_id,
+                    "segmentation": record.rle,
+                    "area": record.area,
+                    "bbox": list(record.bbox_xywh),
+                    "iscrowd": 0,
+                    **obj.extra,
+                }
+            )
         if progress is not None:
             progress(index + 1, n_images)
     _remove_stale_images(images_dir, split, n_images)
-    payload = {"info": info, "images": images, "annotations": annotations,
-               "categories": categories}
+    payload = {"info": info, "images": images, "annotations": annotations, "categories": categories}
     write_json_atomic(annotations_path, payload)
     return SceneSplit(images_dir, annotations_path, n_images, len(annotations))

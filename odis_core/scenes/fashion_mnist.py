@@ -44,16 +44,30 @@ from odis_core.scenes.synthetic import render_background, scene_rng, split_seed
 
 # The dataset's label order (label i is category_id i + 1).
 FASHION_MNIST_CLASSES: tuple[str, ...] = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
 )
 DEFAULT_SOURCE = Path("/usr/share/datasets/fashion-mnist")
 BACKGROUNDS = ("texture", "plain", "black")
 # Our split name -> the prefix of the dataset's file names.
 _FILE_PREFIX = {"train": "train", "test": "t10k"}
 # IDX type byte -> numpy dtype (multi-byte values are big-endian).
-_IDX_DTYPES = {0x08: np.dtype("u1"), 0x09: np.dtype("i1"), 0x0B: np.dtype(">i2"),
-               0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+_IDX_DTYPES = {
+    0x08: np.dtype("u1"),
+    0x09: np.dtype("i1"),
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
 
 
 class SourceDataError(SceneGenerationError):
@@ -123,11 +137,14 @@ def load_items(source_dir: Path | str, split: str) -> ItemSource:
     labels_path = find_idx_file(source_dir, split, "labels")
     images, labels = read_idx(images_path), read_idx(labels_path)
     if images.ndim != 3 or images.dtype != np.uint8:
-        raise SourceDataError(f"{images_path}: expected (N, h, w) unsigned bytes, got "
-                              f"{images.ndim}-D {images.dtype}")
+        raise SourceDataError(
+            f"{images_path}: expected (N, h, w) unsigned bytes, got {images.ndim}-D {images.dtype}"
+        )
     if labels.ndim != 1 or len(labels) != len(images):
-        raise SourceDataError(f"{labels_path}: expected {len(images)} labels (one per image "
-                              f"of {images_path.name}), got shape {labels.shape}")
+        raise SourceDataError(
+            f"{labels_path}: expected {len(images)} labels (one per image "
+            f"of {images_path.name}), got shape {labels.shape}"
+        )
     if len(images) == 0:
         raise SourceDataError(f"{images_path}: holds no images")
     labels = labels.astype(np.int64)
@@ -159,16 +176,17 @@ class FashionSceneConfig:
         low, high = self.object_scale
         problems = [
             (self.canvas_size < 8, "canvas_size must be >= 8"),
-            (not 1 <= self.min_objects <= self.max_objects,
-             "need 1 <= min_objects <= max_objects"),
+            (not 1 <= self.min_objects <= self.max_objects, "need 1 <= min_objects <= max_objects"),
             (not 0 < low <= high <= 1, "object_scale must satisfy 0 < low <= high <= 1"),
             (self.background not in BACKGROUNDS, f"background must be one of {BACKGROUNDS}"),
             (not 0 <= self.tint <= 1, "tint must be in [0, 1]"),
             (not 0 <= self.occlusion_limit < 1, "occlusion_limit must be in [0, 1)"),
             (not 1 <= self.silhouette_threshold <= 255, "silhouette_threshold must be 1..255"),
             (not 0 <= self.min_object_area < 1, "min_object_area must be in [0, 1)"),
-            (self.placement_tries < 1 or self.scene_restarts < 1,
-             "placement_tries and scene_restarts must be >= 1"),
+            (
+                self.placement_tries < 1 or self.scene_restarts < 1,
+                "placement_tries and scene_restarts must be >= 1",
+            ),
         ]
         for failed, message in problems:
             if failed:
@@ -215,7 +233,9 @@ def _item_colour(rng: np.random.Generator, tint: float) -> np.ndarray:
 
 
 def _try_place(
-    rng: np.random.Generator, item: np.ndarray, placed: list[tuple[np.ndarray, np.ndarray]],
+    rng: np.random.Generator,
+    item: np.ndarray,
+    placed: list[tuple[np.ndarray, np.ndarray]],
     config: FashionSceneConfig,
 ) -> tuple[np.ndarray, np.ndarray, tuple[int, int, int, int]] | None:
     """One placement attempt: the (H, W) full mask, the (H, W) item intensity in 0..1 and
@@ -226,9 +246,9 @@ def _try_place(
     x0, y0 = (int(v) for v in rng.integers(0, size - side + 1, size=2))
     resized = np.asarray(Image.fromarray(item).resize((side, side), Image.Resampling.BILINEAR))
     intensity = np.zeros((size, size), dtype=np.float64)
-    intensity[y0:y0 + side, x0:x0 + side] = resized / 255.0
+    intensity[y0 : y0 + side, x0 : x0 + side] = resized / 255.0
     full = np.zeros((size, size), dtype=bool)
-    full[y0:y0 + side, x0:x0 + side] = resized >= config.silhouette_threshold
+    full[y0 : y0 + side, x0 : x0 + side] = resized >= config.silhouette_threshold
     if int(full.sum()) < config.min_object_pixels:
         return None
     keep = 1.0 - config.occlusion_limit
@@ -240,7 +260,9 @@ def _try_place(
 
 
 def compose_fashion_scene(
-    rng: np.random.Generator, items: ItemSource, config: FashionSceneConfig = FashionSceneConfig(),
+    rng: np.random.Generator,
+    items: ItemSource,
+    config: FashionSceneConfig = FashionSceneConfig(),
 ) -> FashionScene:
     """A scene of `items` with every layer kept: background, per-item masks and paint.
 
@@ -284,8 +306,12 @@ def compose_fashion_scene(
 
 
 def generate_fashion_split(
-    items: ItemSource, out_dir: Path, n_images: int, seed: int,
-    config: FashionSceneConfig = FashionSceneConfig(), progress: ProgressFn | None = None,
+    items: ItemSource,
+    out_dir: Path,
+    n_images: int,
+    seed: int,
+    config: FashionSceneConfig = FashionSceneConfig(),
+    progress: ProgressFn | None = None,
 ) -> SceneSplit:
     """Write `n_images` scenes of `items` as OUT/<items.split> (images + COCO JSON)."""
 
@@ -293,23 +319,40 @@ def generate_fashion_split(
         scene = compose_fashion_scene(scene_rng(seed, index), items, config)
         provenance = {"source_split": items.split}
         return scene.image, [
-            AnnotatedObject(item.category_id, item.visible_mask,
-                            {**provenance, "source_index": item.source_index})
+            AnnotatedObject(
+                item.category_id,
+                item.visible_mask,
+                {**provenance, "source_index": item.source_index},
+            )
             for item in scene.items
         ]
 
-    settings = {key: list(value) if isinstance(value, tuple) else value
-                for key, value in dataclasses.asdict(config).items()}
-    info = {"description": "odis scenes of Fashion-MNIST items", "split": items.split,
-            "seed": seed, "source_items": len(items.images), "config": settings}
-    categories = [{"id": i + 1, "name": name, "supercategory": "fashion"}
-                  for i, name in enumerate(FASHION_MNIST_CLASSES)]
+    settings = {
+        key: list(value) if isinstance(value, tuple) else value
+        for key, value in dataclasses.asdict(config).items()
+    }
+    info = {
+        "description": "odis scenes of Fashion-MNIST items",
+        "split": items.split,
+        "seed": seed,
+        "source_items": len(items.images),
+        "config": settings,
+    }
+    categories = [
+        {"id": i + 1, "name": name, "supercategory": "fashion"}
+        for i, name in enumerate(FASHION_MNIST_CLASSES)
+    ]
     return write_scene_split(out_dir, items.split, n_images, render, info, categories, progress)
 
 
 def generate_fashion_scenes(
-    source_dir: Path | str, out_dir: Path | str, n_train: int, n_test: int, seed: int = 0,
-    config: FashionSceneConfig = FashionSceneConfig(), progress: ProgressFn | None = None,
+    source_dir: Path | str,
+    out_dir: Path | str,
+    n_train: int,
+    n_test: int,
+    seed: int = 0,
+    config: FashionSceneConfig = FashionSceneConfig(),
+    progress: ProgressFn | None = None,
 ) -> dict[str, SceneSplit]:
     """OUT/train from the source's train items and OUT/test from its test items, with
     per-split seeds derived from `seed`. `progress(done, n_train + n_test)` spans both.
@@ -324,7 +367,11 @@ def generate_fashion_scenes(
                 progress(offset + count, total)
 
         splits[split] = generate_fashion_split(
-            sources[split], Path(out_dir), n_images, split_seed(seed, split), config,
+            sources[split],
+            Path(out_dir),
+            n_images,
+            split_seed(seed, split),
+            config,
             split_progress,
         )
         done += n_images

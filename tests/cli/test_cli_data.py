@@ -9,15 +9,43 @@ from odis_cli.app import app
 runner = CliRunner()
 
 
-def test_fashion_mnist_scenes_command_writes_both_splits_with_its_options(fashion_idx_dir,
-                                                                          tmp_path):
+def test_fashion_mnist_scenes_command_writes_both_splits_with_its_options(
+    fashion_idx_dir, tmp_path
+):
     out = tmp_path / "scenes"
-    result = runner.invoke(app, [
-        "data", "scenes", "fashion-mnist", "--source", str(fashion_idx_dir), "--out", str(out),
-        "--train", "3", "--test", "2", "--seed", "4", "--canvas-size", "48",
-        "--object-scale", "0.3", "0.5", "--background", "black", "--tint", "0",
-        "--occlusion-limit", "0.2", "--min-objects", "1", "--max-objects", "3",
-    ])
+    result = runner.invoke(
+        app,
+        [
+            "data",
+            "scenes",
+            "fashion-mnist",
+            "--source",
+            str(fashion_idx_dir),
+            "--out",
+            str(out),
+            "--train",
+            "3",
+            "--test",
+            "2",
+            "--seed",
+            "4",
+            "--canvas-size",
+            "48",
+            "--object-scale",
+            "0.3",
+            "0.5",
+            "--background",
+            "black",
+            "--tint",
+            "0",
+            "--occlusion-limit",
+            "0.2",
+            "--min-objects",
+            "1",
+            "--max-objects",
+            "3",
+        ],
+    )
     assert result.exit_code == 0, result.output
     for split, n_images in (("train", 3), ("test", 2)):
         coco = json.loads((out / split / "annotations.json").read_text())
@@ -34,13 +62,34 @@ def test_fashion_mnist_scenes_command_writes_both_splits_with_its_options(fashio
 
 def test_fashion_mnist_scenes_command_fails_in_one_line(tmp_path, fashion_idx_dir):
     missing = tmp_path / "nowhere"
-    result = runner.invoke(app, ["data", "scenes", "fashion-mnist", "--source", str(missing),
-                                 "--out", str(tmp_path / "out")])
+    result = runner.invoke(
+        app,
+        [
+            "data",
+            "scenes",
+            "fashion-mnist",
+            "--source",
+            str(missing),
+            "--out",
+            str(tmp_path / "out"),
+        ],
+    )
     assert result.exit_code == 1
     assert "error:" in result.output and str(missing) in result.output
     assert "Traceback" not in result.output
 
-    result = runner.invoke(app, ["data", "scenes", "fashion-mnist", "--source",
-                                 str(fashion_idx_dir), "--out", str(tmp_path / "out"),
-                                 "--occlusion-limit", "1.5"])
+    result = runner.invoke(
+        app,
+        [
+            "data",
+            "scenes",
+            "fashion-mnist",
+            "--source",
+            str(fashion_idx_dir),
+            "--out",
+            str(tmp_path / "out"),
+            "--occlusion-limit",
+            "1.5",
+        ],
+    )
     assert result.exit_code == 1 and "occlusion_limit must be in [0, 1)" in result.output
