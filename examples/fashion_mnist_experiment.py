@@ -120,7 +120,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def base_config(args: argparse.Namespace, iters_per_epoch: int) -> PretrainConfig:
     """The shared recipe: the demo's (tuned on synthetic scenes, spec-faithful otherwise),
-    sized to the canvas, with the schedules spanning exactly the step budget."""
+    sized to the canvas; the schedules span the epochs that hold the step budget (exactly
+    the budget when --steps is a multiple of train scenes // batch)."""
     config = DemoSettings().pretrain
     if args.pretrain_config is not None:
         # from_dict rejects unknown keys; only the keys the file names override the recipe
