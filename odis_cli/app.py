@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from odis_cli import demo, embed, export, knn, masks, pretrain
+from odis_cli import data, demo, embed, export, knn, masks, pretrain
 from odis_cli.ui import Settings
 
 app = typer.Typer(
@@ -43,6 +43,7 @@ app.command("export")(export.export)
 app.command("embed")(embed.embed)
 app.command("knn")(knn.knn)
 app.command("demo")(demo.demo)
+app.add_typer(data.app, name="data")
 
 
 def main() -> None:

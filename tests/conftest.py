@@ -96,3 +96,65 @@ def bad_image_corpus(tmp_path, _bomb_png):
     from bad_inputs import write_image_corpus
 
     return write_image_corpus(tmp_path / "corpus", bomb=_bomb_png)
+
+# --- tiny Fashion-MNIST-format IDX files (tests never need the real dataset) ---------------
+
+
+def write_idx(path: Path, array, compress: bool) -> Path:
+    """Write `array` (uint8) as an IDX file: magic 0x0000 0x08 ndim, big-endian dims, data."""
+    import gzip
+    import struct
+
+    import numpy as np
+
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    raw = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    raw += array.tobytes()
+    path.write_bytes(gzip.compress(raw, mtime=0) if compress else raw)
+    return path
+
+
+def fashion_items(n: int, shape: str, labels, seed: int):
+    """(n, 28, 28) uint8 light items on black, one random tone each: filled squares or
+    rings, so which split an item came from can be told from its silhouette alone (a
+    square's centre is in it, a ring's is not)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    ys, xs = np.mgrid[0:28, 0:28] + 0.5
+    items = np.zeros((n, 28, 28), dtype=np.uint8)
+    for i in range(n):
+        half = rng.uniform(8, 12)
+        if shape == "square":
+            inside = (np.abs(xs - 14) < half) & (np.abs(ys - 14) < half)
+        else:
+            inside = (np.hypot(xs - 14, ys - 14) < half) & (np.hypot(xs - 14, ys - 14) > 5)
+        items[i][inside] = rng.integers(120, 256)
+    return items, np.asarray(labels, dtype=np.uint8)
+
+
+def write_fashion_idx_dir(directory: Path, n_train: int = 40, n_test: int = 20,
+                          train_labels=None, test_labels=None) -> Path:
+    """A Fashion-MNIST-like source: train items are squares (IDX gzipped, the dataset's own
+    names), test items are rings (IDX uncompressed, the `.idx3-ubyte` spelling)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    train_labels = [i % 10 for i in range(n_train)] if train_labels is None else train_labels
+    test_labels = [i % 10 for i in range(n_test)] if test_labels is None else test_labels
+    train_images, train_labels = fashion_items(n_train, "square", train_labels, seed=1)
+    test_images, test_labels = fashion_items(n_test, "ring", test_labels, seed=2)
+    write_idx(directory / "train-images-idx3-ubyte.gz", train_images, compress=True)
+    write_idx(directory / "train-labels-idx1-ubyte.gz", train_labels, compress=True)
+    write_idx(directory / "t10k-images.idx3-ubyte", test_images, compress=False)
+    write_idx(directory / "t10k-labels.idx1-ubyte", test_labels, compress=False)
+    return directory
+
+
+@pytest.fixture
+def fashion_idx_dir(tmp_path) -> Path:
+    return write_fashion_idx_dir(tmp_path / "fashion-mnist")
+
+
+@pytest.fixture
+def make_fashion_idx_dir(tmp_path):
+    """`make(name, **kwargs)`: write_fashion_idx_dir under tmp_path/name."""
+    return lambda name, **kwargs: write_fashion_idx_dir(tmp_path / name, **kwargs)

@@ -30,23 +30,22 @@ from __future__ import annotations
 
 import colorsys
 import dataclasses
-import json
 import math
-import re
 import zlib
-from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from odis_core.atomic import atomic_write
-from odis_core.masks.store import object_from_mask
-
-ProgressFn = Callable[[int, int], None]
+from odis_core.scenes.coco_split import (
+    AnnotatedObject,
+    ProgressFn,
+    SceneGenerationError,
+    SceneSplit,
+    write_scene_split,
+)
 
 # (shape, texture) per class; category_id = index + 1. Hues are spread evenly over the
 # colour wheel in this order (36 degrees apart).
@@ -64,10 +63,6 @@ _CLASS_STYLES: tuple[tuple[str, str], ...] = (
 )
 SCENE_CLASSES: tuple[str, ...] = tuple(shape for shape, _ in _CLASS_STYLES)
 SCENE_TEXTURES: tuple[str, ...] = tuple(texture for _, texture in _CLASS_STYLES)
-
-
-class SceneGenerationError(RuntimeError):
-    """A scene could not be built or written; the message says which and why, in one line."""
 
 
 @dataclass(frozen=True)
@@ -105,14 +100,6 @@ class SceneConfig:
     @property
     def min_object_pixels(self) -> int:
         return math.ceil(self.min_object_area * self.image_size**2)
-
-
-@dataclass(frozen=True)
-class SceneSplit:
-    images_dir: Path  # the PNGs; the COCO file names are relative to it
-    annotations: Path  # the COCO instances JSON
-    n_images: int
-    n_objects: int
 
 
 @dataclass(frozen=True)
@@ -392,73 +379,28 @@ def split_seed(seed: int, split: str) -> int:
 # --------------------------------------------------------------------------- writing
 
 
-def _write_json_atomic(path: Path, payload: Any) -> None:
-    with atomic_write(path, "w", encoding="utf-8") as handle:
-        handle.write(json.dumps(payload, separators=(",", ":")) + "\n")
-
-
-def _remove_stale_images(images_dir: Path, split: str, n_images: int) -> None:
-    """Drop numbered PNGs a previous, larger run left behind, so the folder matches the JSON."""
-    pattern = re.compile(rf"{re.escape(split)}_(\d+)\.png")
-    for path in images_dir.iterdir():
-        match = pattern.fullmatch(path.name)
-        if match and int(match.group(1)) >= n_images:
-            path.unlink()
-
-
 def generate_split(
     out_dir: Path, split: str, n_images: int, seed: int, config: SceneConfig = SceneConfig(),
     progress: ProgressFn | None = None,
 ) -> SceneSplit:
-    """Write `n_images` scenes to OUT/<split>/images and their COCO file beside them.
+    """Write `n_images` scenes to OUT/<split>/images and their COCO file beside them
+    (format and guarantees: `odis_core.scenes.coco_split`).
 
-    Image `i` is `render_scene(scene_rng(seed, i), config)`. Any annotation file of an
-    earlier run is removed first, so an interrupted run never leaves a JSON that disagrees
-    with the images. `progress(done, n_images)` is called after each image is written.
+    Image `i` is `render_scene(scene_rng(seed, i), config)`. `progress(done, n_images)` is
+    called after each image is written.
     """
-    if not re.fullmatch(r"[A-Za-z0-9_-]+", split):
-        raise ValueError(f"split name {split!r} must be letters, digits, '_' or '-'")
-    if n_images < 0:
-        raise ValueError(f"n_images must be >= 0, got {n_images}")
-    split_dir = Path(out_dir) / split
-    images_dir, annotations_path = split_dir / "images", split_dir / "annotations.json"
-    try:
-        images_dir.mkdir(parents=True, exist_ok=True)
-        annotations_path.unlink(missing_ok=True)
-    except OSError as error:
-        raise SceneGenerationError(f"{split_dir}: cannot write there ({error})") from None
-    images, annotations = [], []
-    for index in range(n_images):
+
+    def render(index: int) -> tuple[np.ndarray, list[AnnotatedObject]]:
         image, objects = render_scene(scene_rng(seed, index), config)
-        file_name = f"{split}_{index:05d}.png"
-        try:
-            Image.fromarray(image).save(images_dir / file_name, format="PNG")
-        except OSError as error:
-            raise SceneGenerationError(f"{images_dir / file_name}: {error}") from None
-        image_id = index + 1
-        images.append({"id": image_id, "file_name": file_name,
-                       "width": config.image_size, "height": config.image_size})
-        for category_id, mask in objects:
-            record = object_from_mask(mask, len(annotations) + 1, image_id, category_id)
-            annotations.append({"id": record.object_id, "image_id": image_id,
-                                "category_id": category_id, "segmentation": record.rle,
-                                "area": record.area, "bbox": list(record.bbox_xywh),
-                                "iscrowd": 0})
-        if progress is not None:
-            progress(index + 1, n_images)
-    _remove_stale_images(images_dir, split, n_images)
+        return image, [AnnotatedObject(category_id, mask) for category_id, mask in objects]
+
     settings = {key: list(value) if isinstance(value, tuple) else value
                 for key, value in dataclasses.asdict(config).items()}
-    payload = {
-        "info": {"description": "odis synthetic scenes", "split": split, "seed": seed,
-                 "config": settings},
-        "images": images,
-        "annotations": annotations,
-        "categories": [{"id": i + 1, "name": name, "supercategory": "shape"}
-                       for i, name in enumerate(SCENE_CLASSES)],
-    }
-    _write_json_atomic(annotations_path, payload)
-    return SceneSplit(images_dir, annotations_path, n_images, len(annotations))
+    info = {"description": "odis synthetic scenes", "split": split, "seed": seed,
+            "config": settings}
+    categories = [{"id": i + 1, "name": name, "supercategory": "shape"}
+                  for i, name in enumerate(SCENE_CLASSES)]
+    return write_scene_split(out_dir, split, n_images, render, info, categories, progress)
 
 
 def generate_scenes(
