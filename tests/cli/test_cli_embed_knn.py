@@ -253,3 +253,19 @@ def test_knn_report_confusion_backends_and_mismatch(tmp_path):
     result = runner.invoke(app, args + ["--allow-mismatch", "--k", "1,200"])
     assert result.exit_code == 0
     assert "k clamped to the 120 training items" in " ".join(result.output.split())
+
+
+def test_the_bad_image_corpus_is_embedded_or_skipped_and_counted(tmp_path, data, bad_image_corpus):
+    # Issue 8: every odd image embeds at its displayed size; every broken one (truncated,
+    # empty, text named .jpg, the 20k x 20k bomb) is skipped, counted and named.
+    out = tmp_path / "feat"
+    args = ["embed", "--checkpoint", str(data["ckpt"]), "--arch", ARCH, "--images",
+            str(bad_image_corpus.root), "--level", "image", "--out", str(out), "--device", "cpu"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (out / "meta.jsonl").read_text().splitlines()]
+    assert sorted(row["image"] for row in rows) == sorted(bad_image_corpus.readable)
+    assert np.load(out / "features.npy").shape[0] == len(bad_image_corpus.readable)
+    skipped_text = json.dumps(json.loads((out / "info.json").read_text())["skipped"])
+    for name in bad_image_corpus.unreadable:
+        assert name in skipped_text
