@@ -44,7 +44,7 @@ from odis_core.demo import DemoSettings, chance_level
 from odis_core.embed.inference import build_backbone, embed, load_teacher_backbone
 from odis_core.evaluate.knn import weighted_knn
 from odis_core.masks.coco import import_coco
-from odis_core.masks.store import MaskStore
+from odis_core.masks.store import MaskStore, write_store
 from odis_core.model.obj_vit import ObjViT
 from odis_core.scenes.fashion_mnist import (
     DEFAULT_SOURCE,
@@ -189,21 +189,21 @@ def build_data(args: argparse.Namespace) -> tuple[dict[str, Path], dict[str, Mas
     }
     images["bank"], stores["bank"] = (
         images["train"],
-        first_images(stores["train"], args.bank_scenes),
+        first_images(stores["train"], args.bank_scenes, args.workdir / "masks" / "bank"),
     )
     return images, stores
 
 
-def first_images(store: MaskStore, n_images: int) -> MaskStore:
-    """The store restricted to its first `n_images` images (all when 0): a smaller k-NN
-    bank keeps the evaluation of many arms and modes affordable on a CPU."""
+def first_images(store: MaskStore, n_images: int, out: Path) -> MaskStore:
+    """The store restricted to its first `n_images` images (all when 0), written to `out`:
+    a smaller k-NN bank keeps the evaluation of many arms and modes affordable on a CPU."""
     if n_images <= 0 or n_images >= len(store.images):
         return store
-    images = store.images[:n_images]
-    kept = {image.image_id for image in images}
-    return MaskStore(
+    images = [store.images[i] for i in range(n_images)]
+    return write_store(
+        out,
         images,
-        [o for o in store.objects if o.image_id in kept],
+        [obj for image in images for obj in store.objects_of(image.image_id)],
         categories=store.categories,
         source=store.source,
         images_root=store.images_root,

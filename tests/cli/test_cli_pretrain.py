@@ -244,6 +244,31 @@ def test_disk_full_gives_one_line_and_keeps_the_previous_checkpoint(store, tmp_p
     assert not list(run.glob("*.tmp"))
 
 
+def test_permission_denied_gives_one_line_and_keeps_the_previous_checkpoint(
+    store, tmp_path, monkeypatch
+):
+    # The same failure as a read-only run directory, raised where the temporary file is
+    # opened, so it is also proven where the tests run as root (CI), which ignores modes.
+    import builtins
+
+    import odis_core.atomic as atomic_module
+
+    run = _first_checkpoint(store, tmp_path)
+    before = (run / "checkpoint.pt").read_bytes()
+    real_open = builtins.open
+
+    def open_denied_in_the_run_directory(file, *args, **kwargs):
+        if Path(file).parent == run:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(atomic_module, "open", open_denied_in_the_run_directory, raising=False)
+    args = pretrain_args(store, run, tmp_path / "tiny.json", max_steps=4, save_every=1, resume=True)
+    line = _one_line_error(_run(args, expect_ok=False))
+    assert "Permission denied" in line and str(run) in line
+    assert (run / "checkpoint.pt").read_bytes() == before
+
+
 @pytest.mark.skipif(
     os.name != "posix" or os.geteuid() == 0, reason="root ignores directory permissions"
 )
