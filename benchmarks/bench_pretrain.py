@@ -295,15 +295,19 @@ def data_pipeline(
         for event in run:
             if isinstance(event, RunFinished):
                 report = dict(event.report)
-        report["loader_only_images_per_second"] = loader_throughput(
-            run_config, splits["train"].images_dir, store, workers
-        )
+        loader = loader_throughput(run_config, splits["train"].images_dir, store, workers, device)
+        report["loader_only_images_per_second"] = loader["loader_images_per_second"]
+        report["render_images_per_second"] = loader.get("render_images_per_second", float("nan"))
         return report
 
 
-def loader_throughput(config: PretrainConfig, images_root: Path, store, workers: int) -> float:
-    """Images/s of the loader alone (decode, object-aware crops, photometric, MIM masks,
-    collate), no model: what the CPU side can feed with `workers` processes."""
+def loader_throughput(
+    config: PretrainConfig, images_root: Path, store, workers: int, device: str = "cpu"
+) -> dict:
+    """What the CPU side can feed with `workers` processes, no model: images/s of the loader
+    (decode, object-aware crops, MIM masks, collate; with `augment_on="loader"` also the PIL
+    resize and photometric ops), and with `augment_on="device"` the images/s of rendering
+    those batches' views on `device` (roi_align + batched photometric), timed apart."""
     from torch.utils.data import DataLoader
 
     from odis_core.crops.dataset import collate_crops
@@ -315,11 +319,26 @@ def loader_throughput(config: PretrainConfig, images_root: Path, store, workers:
     )
     iterator = iter(loader)
     next(iterator)  # worker start-up is not throughput
-    started, images = time.perf_counter(), 0
+    started, images, batches = time.perf_counter(), 0, []
     for batch in iterator:
         images += len(batch)
+        if batch.pending is not None and len(batches) < 5:
+            batches.append(batch)
     seconds = time.perf_counter() - started
-    return images / seconds if seconds > 0 and images else float("nan")
+    result = {
+        "loader_images_per_second": images / seconds if seconds > 0 and images else float("nan")
+    }
+    if batches:
+        moved = [batch.to(device) for batch in batches]
+        moved[0].rendered(config.global_size, config.local_size)  # warm-up (kernels, caches)
+        sync(device)
+        started = time.perf_counter()
+        for batch in moved:
+            batch.rendered(config.global_size, config.local_size)
+        sync(device)
+        seconds = time.perf_counter() - started
+        result["render_images_per_second"] = sum(map(len, moved)) / seconds
+    return result
 
 
 def main() -> None:
@@ -342,6 +361,12 @@ def main() -> None:
         "--loader-only", action="store_true", help="only the loader's throughput, no model"
     )
     parser.add_argument("--workers", type=int, default=16)
+    parser.add_argument(
+        "--augment-on",
+        default="auto",
+        choices=("auto", "loader", "device", "both"),
+        help="where views are rendered for --data/--loader-only (both: one row each)",
+    )
     parser.add_argument("--attn-batch", type=int, default=None, help="256; --quick 8")
     parser.add_argument("--peak-tflops", type=float, default=None)
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
@@ -391,15 +416,42 @@ def main() -> None:
         ),
         "plain timm": lambda: plain_timm_step(config, device),
     }
+    if args.augment_on == "auto":  # as `odis pretrain` resolves it
+        args.augment_on = "device" if device.startswith("cuda") else "loader"
+    modes = ("loader", "device") if args.augment_on == "both" else (args.augment_on,)
     if args.loader_only:
-        data = data_pipeline(config, device, args.steps, args.workers, loader_only=True)
-        console.print(
-            f"data loader alone, {args.workers} worker(s), batch {args.batch_size}, "
+        loader_table = Table(
+            title=f"data loader alone, {args.workers} worker(s), batch {args.batch_size}, "
             f"2x{args.global_size} + {args.n_local_crops}x{args.local_size} crops, "
-            f"{2 * max(args.global_size, 64)} px scenes: "
-            f"{data['loader_only_images_per_second']:.1f} img/s",
+            f"{2 * max(args.global_size, 64)} px PNG scenes, views rendered on {device_name}"
+        )
+        for column in ("augment on", "loader img/s", "img/s per worker", "render img/s"):
+            loader_table.add_column(column, justify="left" if column == "augment on" else "right")
+        figures = {}
+        for mode in modes:
+            data = data_pipeline(
+                dataclasses.replace(config, augment_on=mode),
+                device,
+                args.steps,
+                args.workers,
+                loader_only=True,
+            )
+            figures[mode] = data
+            rate = data["loader_only_images_per_second"]
+            loader_table.add_row(
+                mode,
+                f"{rate:.1f}",
+                f"{rate / max(args.workers, 1):.1f}",
+                f"{data['render_images_per_second']:.1f}",
+            )
+        console.print(loader_table)
+        console.print(
+            "render img/s: the device's time to cut, resize and augment the views of one "
+            "image (n/a when the loader renders them); workers=0 loads in this process.",
             highlight=False,
         )
+        if args.json:
+            args.json.write_text(json.dumps({"device": device_name, "loader": figures}, indent=2))
         return
 
     # Rounds of all variants, median per variant: on a shared machine a slow spell then
@@ -475,18 +527,32 @@ def main() -> None:
         "attention": attention,
     }
     if args.data:
-        data = data_pipeline(config, device, args.steps, args.workers)
-        report["data"] = data
         data_table = Table(title=f"real data pipeline, {args.workers} workers, {device_name}")
-        for column in ("img/s", "data wait share", "loader alone img/s", "crop fallbacks", "steps"):
-            data_table.add_column(column, justify="right")
-        data_table.add_row(
-            f"{data['images_per_second']:.1f}",
-            f"{100 * data['data_wait_share']:.1f} %",
-            f"{data['loader_only_images_per_second']:.1f}",
-            str(data["crop_fallbacks"]),
-            str(data["steps"]),
-        )
+        for column in (
+            "augment on",
+            "img/s",
+            "data wait share",
+            "loader alone img/s",
+            "render img/s",
+            "crop fallbacks",
+            "steps",
+        ):
+            data_table.add_column(column, justify="left" if column == "augment on" else "right")
+        report["data"] = {}
+        for mode in modes:
+            data = data_pipeline(
+                dataclasses.replace(config, augment_on=mode), device, args.steps, args.workers
+            )
+            report["data"][mode] = data
+            data_table.add_row(
+                mode,
+                f"{data['images_per_second']:.1f}",
+                f"{100 * data['data_wait_share']:.1f} %",
+                f"{data['loader_only_images_per_second']:.1f}",
+                f"{data['render_images_per_second']:.1f}",
+                str(data["crop_fallbacks"]),
+                str(data["steps"]),
+            )
         console.print(data_table)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2, default=str) + "\n")

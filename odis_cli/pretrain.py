@@ -159,6 +159,14 @@ def pretrain(
             f"SDPA with a full mask) or auto (split on GPU){_default('attention_impl')}."
         ),
     ] = None,
+    augment_on: Annotated[
+        str | None,
+        typer.Option(
+            help="Where views are resized and colour-augmented: loader (PIL in the workers), "
+            f"device (batched on the GPU; workers only decode and draw crops) or auto (device "
+            f"on CUDA){_default('augment_on')}."
+        ),
+    ] = None,
     grad_checkpointing: Annotated[
         bool | None,
         typer.Option(
@@ -212,6 +220,7 @@ def pretrain(
             object_crops=object_crops,
             feature=feature,
             attention_impl=attention_impl,
+            augment_on=augment_on,
             grad_checkpointing=grad_checkpointing,
             compile=compile,
             deterministic=deterministic,

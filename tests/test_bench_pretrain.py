@@ -30,3 +30,15 @@ def test_bench_pretrain_quick_runs_and_writes_all_figures(tmp_path, monkeypatch)
     for row in report["steps"].values():
         assert row["flops"] > 0 and row["step_ms"] > 0 and row["img_s"] > 0
     assert [name for name, *_ in report["attention"]][0] == "unmasked SDPA"
+
+
+def test_bench_pretrain_loader_only_times_both_places_to_render(tmp_path, monkeypatch):
+    out = tmp_path / "loader.json"
+    argv = [str(BENCH), "--quick", "--loader-only", "--augment-on", "both", "--steps", "2",
+            "--json", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    runpy.run_path(str(BENCH), run_name="__main__")
+    figures = json.loads(out.read_text())["loader"]
+    assert figures["loader"]["loader_only_images_per_second"] > 0
+    assert figures["device"]["loader_only_images_per_second"] > 0
+    assert figures["device"]["render_images_per_second"] > 0

@@ -33,6 +33,9 @@ class FakeBatch:
     def to(self, device, non_blocking=False):
         return self
 
+    def rendered(self, global_size, local_size):
+        return self
+
 
 def fake_batch(seed: int = 0, batch: int = 3) -> FakeBatch:
     g = torch.Generator().manual_seed(seed)

@@ -7,7 +7,8 @@ Unreadable images come back as None and are dropped (and counted) by `collate_cr
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +18,13 @@ from PIL import Image
 from torch import Tensor
 
 from odis_core.crops.block_mask import BlockMaskGenerator, sample_mask_ratio
-from odis_core.crops.object_aware import ObjectMultiCrop
+from odis_core.crops.device_views import (
+    PendingViews,
+    pad_sources,
+    render_pending,
+    source_tensor,
+)
+from odis_core.crops.object_aware import ObjectMultiCrop, ViewPlan
 from odis_core.images import UnreadableImageError, load_rgb
 from odis_core.masks.store import ImageRecord, MaskStore, ObjectRecord, box_to_mask
 
@@ -43,13 +50,19 @@ class CropSample:
     whole_image_fallback: bool  # no usable object: the whole image was the object
     crop_failures: int  # crops that fell back to the best-coverage try
     index: int  # dataset index
+    # Views left to the device (`ObjectMultiCrop(render_pixels=False)`): the image lists
+    # above are empty, the decoded image travels once and each view is a plan on it.
+    source: Tensor | None = None  # (3, H, W) uint8
+    source_scales: tuple[float, float] = (1.0, 1.0)  # plan boxes (full-size px) -> source px
+    global_plans: list[ViewPlan] | None = None
+    local_plans: list[ViewPlan] | None = None
 
 
 @dataclass
 class CropBatch:
     """A collated batch, crop-major: rows c*B .. c*B + B - 1 are crop c of every image."""
 
-    global_crops: Tensor  # (G*B, 3, Sg, Sg) float
+    global_crops: Tensor  # (G*B, 3, Sg, Sg) float; (0, 3, 0, 0) while `pending` holds them
     local_crops: Tensor | None  # (L*B, 3, Sl, Sl) float, None without local crops
     global_patch_masks: Tensor  # (G*B, Ng) bool: True where the [OBJ] row may attend
     local_patch_masks: Tensor | None  # (L*B, Nl) bool
@@ -58,21 +71,34 @@ class CropBatch:
     n_skipped: int  # unreadable images dropped from this batch
     n_whole_image_fallback: int  # images without a usable object
     n_crop_failures: int  # crops that fell back to the best-coverage try
+    pending: PendingViews | None = None  # views still to render on the device
+
+    def map_tensors(self, fn: Callable[[Tensor], Tensor]) -> CropBatch:
+        """A copy with `fn` applied to every tensor (the pending views' too)."""
+        changes = {}
+        for name in self.__dataclass_fields__:
+            value = getattr(self, name)
+            if isinstance(value, PendingViews):
+                changes[name] = value.map_tensors(fn)
+            elif isinstance(value, Tensor):
+                changes[name] = fn(value)
+        return dataclasses.replace(self, **changes)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> CropBatch:
-        def move(tensor: Tensor | None) -> Tensor | None:
-            return None if tensor is None else tensor.to(device, non_blocking=non_blocking)
+        return self.map_tensors(lambda tensor: tensor.to(device, non_blocking=non_blocking))
 
-        return CropBatch(
-            move(self.global_crops),  # type: ignore[arg-type]
-            move(self.local_crops),
-            move(self.global_patch_masks),  # type: ignore[arg-type]
-            move(self.local_patch_masks),
-            move(self.mim_masks),  # type: ignore[arg-type]
-            move(self.indices),  # type: ignore[arg-type]
-            self.n_skipped,
-            self.n_whole_image_fallback,
-            self.n_crop_failures,
+    def pin_memory(self) -> CropBatch:
+        # Called by the DataLoader's pin-memory thread (pin_memory=True on CUDA), so the
+        # copy in `to(..., non_blocking=True)` overlaps the previous step.
+        return self.map_tensors(lambda tensor: tensor.pin_memory())
+
+    def rendered(self, global_size: int, local_size: int) -> CropBatch:
+        """This batch with its pending views rendered where they live (no-op without)."""
+        if self.pending is None:
+            return self
+        global_crops, local_crops = render_pending(self.pending, global_size, local_size)
+        return dataclasses.replace(
+            self, global_crops=global_crops, local_crops=local_crops, pending=None
         )
 
     def __len__(self) -> int:
@@ -143,16 +169,20 @@ class ObjectCropDataset(torch.utils.data.Dataset):
             # Spec §2: no usable object -> the whole image is the object (iBOT for this image).
             object_mask = np.ones((image.height, image.width), dtype=bool)
         views = self.multicrop(image, object_mask, generator)
-        return CropSample(
+        sample = CropSample(
             views.global_images,
             views.local_images,
             views.global_patch_masks,
             views.local_patch_masks,
-            self._mim_masks(len(views.global_images), generator),
+            self._mim_masks(len(views.global_patch_masks), generator),
             whole_image,
             views.crop_failures,
             index,
         )
+        if not self.multicrop.render_pixels:
+            sample.source, sample.source_scales = source_tensor(image)
+            sample.global_plans, sample.local_plans = views.global_plans, views.local_plans
+        return sample
 
     def _mim_masks(self, n_global: int, generator: torch.Generator) -> list[Tensor]:
         grid = self.multicrop.global_size // self.multicrop.patch_size
@@ -191,9 +221,15 @@ def collate_crops(samples: list[CropSample | None]) -> CropBatch:
     if not kept:
         empty = torch.zeros(0)
         return CropBatch(
-            empty.reshape(0, 3, 0, 0), None, torch.zeros(0, 0, dtype=torch.bool), None,
-            torch.zeros(0, 0, dtype=torch.bool), torch.zeros(0, dtype=torch.long),
-            n_skipped, 0, 0,
+            empty.reshape(0, 3, 0, 0),
+            None,
+            torch.zeros(0, 0, dtype=torch.bool),
+            None,
+            torch.zeros(0, 0, dtype=torch.bool),
+            torch.zeros(0, dtype=torch.long),
+            n_skipped,
+            0,
+            0,
         )
 
     def crop_major(per_sample: list[list[Tensor]]) -> Tensor | None:
@@ -202,13 +238,16 @@ def collate_crops(samples: list[CropSample | None]) -> CropBatch:
             return None
         return torch.stack([views[c] for c in range(n_crops) for views in per_sample])
 
-    global_crops = crop_major([s.global_images for s in kept])
+    pending = _collate_plans(kept) if kept[0].source is not None else None
+    global_crops = (
+        crop_major([s.global_images for s in kept]) if pending is None else torch.zeros(0, 3, 0, 0)
+    )
     global_masks = crop_major([s.global_patch_masks for s in kept])
     mim_masks = crop_major([s.mim_masks for s in kept])
     assert global_crops is not None and global_masks is not None and mim_masks is not None
     return CropBatch(
         global_crops=global_crops,
-        local_crops=crop_major([s.local_images for s in kept]),
+        local_crops=crop_major([s.local_images for s in kept]) if pending is None else None,
         global_patch_masks=global_masks,
         local_patch_masks=crop_major([s.local_patch_masks for s in kept]),
         mim_masks=mim_masks,
@@ -216,4 +255,47 @@ def collate_crops(samples: list[CropSample | None]) -> CropBatch:
         n_skipped=n_skipped,
         n_whole_image_fallback=sum(s.whole_image_fallback for s in kept),
         n_crop_failures=sum(s.crop_failures for s in kept),
+        pending=pending,
+    )
+
+
+def _collate_plans(kept: list[CropSample]) -> PendingViews:
+    """The samples' decoded images and view plans as one PendingViews, crop-major."""
+
+    def stack(plans_of: list[list[ViewPlan]]) -> tuple[Tensor, Tensor, Tensor] | None:
+        n_views = len(plans_of[0])
+        if n_views == 0:
+            return None
+        boxes, flips, params = [], [], []
+        for view in range(n_views):
+            for row, (sample, plans) in enumerate(zip(kept, plans_of, strict=True)):
+                crop, (sx, sy) = plans[view].crop, sample.source_scales
+                boxes.append(
+                    (
+                        row,
+                        crop.left * sx,
+                        crop.top * sy,
+                        (crop.left + crop.width) * sx,
+                        (crop.top + crop.height) * sy,
+                    )
+                )
+                flips.append(plans[view].flip)
+                params.append(plans[view].photometric)
+        return (
+            torch.tensor(boxes, dtype=torch.float32),
+            torch.tensor(flips, dtype=torch.bool),
+            torch.stack(params),
+        )
+
+    global_views = stack([s.global_plans or [] for s in kept])
+    local_views = stack([s.local_plans or [] for s in kept])
+    assert global_views is not None
+    return PendingViews(
+        sources=pad_sources([s.source for s in kept if s.source is not None]),
+        global_boxes=global_views[0],
+        local_boxes=None if local_views is None else local_views[0],
+        global_flips=global_views[1],
+        local_flips=None if local_views is None else local_views[1],
+        global_params=global_views[2],
+        local_params=None if local_views is None else local_views[2],
     )

@@ -15,7 +15,7 @@ the patch's footprint in the source image (a summed-area table), flipped with th
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -24,6 +24,7 @@ from PIL import Image
 from torch import Tensor
 from torchvision.transforms import InterpolationMode
 
+from odis_core.crops.batched_photometric import draw_photometric_params
 from odis_core.crops.photometric import Photometric, normalize_only, view_kind
 
 # Spec §3: "a patch is in when the object covers at least half of it".
@@ -81,20 +82,23 @@ class ObjectIntegral:
 
     The continuous integral of a pixel-constant mask is bilinear inside each pixel cell,
     so bilinear interpolation of the table at fractional coordinates is exact; the 20
-    re-draws of 12 crops then cost almost nothing next to decoding the image.
+    re-draws of 12 crops then cost almost nothing next to decoding the image. NumPy, not
+    torch: these are a few dozen tiny array ops per crop, where torch's per-op overhead
+    was most of a loader worker's time (benchmarks/bench_pretrain.py --loader-only).
     """
 
     def __init__(self, object_mask: Tensor | np.ndarray) -> None:
         """object_mask: (H, W) bool or float in [0, 1], 1 where the object is."""
-        if isinstance(object_mask, np.ndarray):
-            mask = torch.from_numpy(object_mask.astype(np.float64))  # a copy: may be read-only
-        else:
-            mask = object_mask.to(torch.float64)
+        if isinstance(object_mask, Tensor):
+            object_mask = object_mask.detach().cpu().numpy()
+        mask = np.asarray(object_mask, dtype=np.float64)
         if mask.ndim != 2:
             raise ValueError(f"object mask must be (H, W), got shape {tuple(mask.shape)}")
         self.height, self.width = mask.shape
         # table[y, x] = object area in rows [0, y) x cols [0, x); (H + 1, W + 1).
-        self.table = torch.nn.functional.pad(mask.cumsum(0).cumsum(1), (1, 0, 1, 0))
+        self.table = np.zeros((self.height + 1, self.width + 1), dtype=np.float64)
+        np.cumsum(mask, axis=0, out=self.table[1:, 1:])
+        np.cumsum(self.table[1:, 1:], axis=1, out=self.table[1:, 1:])
         self.total = float(self.table[-1, -1])
 
     def box_sum(self, crop: CropBox) -> float:
@@ -110,21 +114,32 @@ class ObjectIntegral:
 
     def patch_coverage(self, crop: CropBox, grid: tuple[int, int]) -> Tensor:
         """(gh, gw) float: fraction of each output patch's footprint in `crop` that is object."""
+        return torch.from_numpy(self.patch_coverage_array(crop, grid))
+
+    def patch_coverage_array(self, crop: CropBox, grid: tuple[int, int]) -> np.ndarray:
+        """`patch_coverage` as a (gh, gw) float32 NumPy array."""
         grid_h, grid_w = grid
-        edges_y = crop.top + torch.linspace(0, crop.height, grid_h + 1, dtype=torch.float64)
-        edges_x = crop.left + torch.linspace(0, crop.width, grid_w + 1, dtype=torch.float64)
+        edges_y = crop.top + _even_edges(crop.height, grid_h)
+        edges_x = crop.left + _even_edges(crop.width, grid_w)
         rows = self._lerp(self.table, edges_y, self.height)  # (gh + 1, W + 1)
         integral = self._lerp(rows.T, edges_x, self.width).T  # (gh + 1, gw + 1)
         sums = integral[1:, 1:] - integral[:-1, 1:] - integral[1:, :-1] + integral[:-1, :-1]
         cell_area = (crop.height / grid_h) * (crop.width / grid_w)
-        return (sums / cell_area).clamp_(0.0, 1.0).to(torch.float32)
+        return np.minimum(np.maximum(sums / cell_area, 0.0), 1.0).astype(np.float32)
 
     @staticmethod
-    def _lerp(table: Tensor, coords: Tensor, size: int) -> Tensor:
+    def _lerp(table: np.ndarray, coords: np.ndarray, size: int) -> np.ndarray:
         # Rows of `table` at fractional positions `coords` in [0, size].
-        low = coords.floor().long().clamp_(0, max(size - 1, 0))
-        frac = (coords - low).unsqueeze(1)
-        return table[low] * (1 - frac) + table[(low + 1).clamp_(max=size)] * frac
+        low = np.minimum(np.maximum(coords.astype(np.int64), 0), max(size - 1, 0))  # floor: >= 0
+        frac = (coords - low)[:, None]
+        return table[low] * (1 - frac) + table[np.minimum(low + 1, size)] * frac
+
+
+def _even_edges(length: int, parts: int) -> np.ndarray:
+    # np.linspace(0, length, parts + 1) without its per-call overhead (same values).
+    edges = np.arange(parts + 1, dtype=np.float64) * (length / parts)
+    edges[-1] = length
+    return edges
 
 
 def object_coverage(object_mask: Tensor, crop: CropBox) -> float:
@@ -201,7 +216,7 @@ def sample_object_crop(
                 return crop, attempt, True
             score = (integral.object_coverage(crop), 0.0)
         else:
-            best_patch = float(integral.patch_coverage(crop, grid).max())
+            best_patch = float(integral.patch_coverage_array(crop, grid).max())
             if best_patch >= PATCH_IN_THRESHOLD:
                 return crop, attempt, True
             score = (integral.object_coverage(crop), best_patch)
@@ -211,15 +226,29 @@ def sample_object_crop(
     return best_crop, max_tries, False
 
 
+@dataclass(frozen=True)
+class ViewPlan:
+    """A view drawn but not rendered (`render_pixels=False`): the device renders it."""
+
+    crop: CropBox  # in the source image's pixels
+    flip: bool  # horizontal flip after the resize
+    photometric: Tensor  # (N_PARAMS,) from `draw_photometric_params`
+
+
 @dataclass
 class MultiCropViews:
-    """The views of one image and, per view, which of its patches show the target object."""
+    """The views of one image and, per view, which of its patches show the target object.
+
+    With `render_pixels=False` the image lists stay empty and the plan lists hold the views.
+    """
 
     global_images: list[Tensor]  # each (3, Sg, Sg) float, ImageNet-normalised
     local_images: list[Tensor]  # each (3, Sl, Sl)
     global_patch_masks: list[Tensor]  # each (Ng,) bool, Ng = (Sg / p)^2: True where in-object
     local_patch_masks: list[Tensor]  # each (Nl,) bool
     crop_failures: int  # crops that fell back to the best-coverage try
+    global_plans: list[ViewPlan] = field(default_factory=list)
+    local_plans: list[ViewPlan] = field(default_factory=list)
 
 
 class ObjectMultiCrop:
@@ -241,7 +270,10 @@ class ObjectMultiCrop:
         max_tries: int = 20,
         object_aware: bool = True,
         photometric: bool = True,
+        render_pixels: bool = True,
     ) -> None:
+        """render_pixels=False: draw every view (crop, flip, photometric parameters) but
+        leave resampling and augmentation to the training device (`device_views.py`)."""
         for name, size in (("global_size", global_size), ("local_size", local_size)):
             if size % patch_size != 0:
                 raise ValueError(f"{name} {size} is not a multiple of patch_size {patch_size}")
@@ -255,6 +287,7 @@ class ObjectMultiCrop:
         self.max_tries = max_tries
         self.object_aware = object_aware
         self.photometric = photometric
+        self.render_pixels = render_pixels
         self._global_photometric = [
             Photometric(view_kind(i, is_global=True)) for i in range(n_global)
         ]
@@ -278,28 +311,49 @@ class ObjectMultiCrop:
             is_global = index < self.n_global
             size = self.global_size if is_global else self.local_size
             crop, _, success = sample_object_crop(
-                integral, box, self.global_scale if is_global else self.local_scale, self.ratio,
-                size, self.patch_size, is_global, generator, self.max_tries, object_aware,
+                integral,
+                box,
+                self.global_scale if is_global else self.local_scale,
+                self.ratio,
+                size,
+                self.patch_size,
+                is_global,
+                generator,
+                self.max_tries,
+                object_aware,
             )
             views.crop_failures += int(not success)
             grid = (size // self.patch_size, size // self.patch_size)
             coverage = integral.patch_coverage(crop, grid)
+            flip = torch.rand((), generator=generator).item() < 0.5
+            if flip:
+                coverage = torch.flip(coverage, dims=[1])
+            masks = views.global_patch_masks if is_global else views.local_patch_masks
+            masks.append(patchify(coverage))
+            if not self.render_pixels:
+                kind = view_kind(index, is_global)
+                params = draw_photometric_params(kind, generator, enabled=self.photometric)
+                plans = views.global_plans if is_global else views.local_plans
+                plans.append(ViewPlan(crop, flip, params))
+                continue
             view = TF.resized_crop(
-                image, crop.top, crop.left, crop.height, crop.width, [size, size],
+                image,
+                crop.top,
+                crop.left,
+                crop.height,
+                crop.width,
+                [size, size],
                 InterpolationMode.BICUBIC,
             )
-            if torch.rand((), generator=generator).item() < 0.5:
+            if flip:
                 view = TF.hflip(view)
-                coverage = torch.flip(coverage, dims=[1])
             if self.photometric:
                 augment = self._global_photometric[index] if is_global else self._local_photometric
                 tensor = augment(view, generator)
             else:
                 tensor = normalize_only(view)
             images = views.global_images if is_global else views.local_images
-            masks = views.global_patch_masks if is_global else views.local_patch_masks
             images.append(tensor)
-            masks.append(patchify(coverage))
         return views
 
 

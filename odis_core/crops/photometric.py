@@ -25,8 +25,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 ViewKind = Literal["global_1", "global_2", "local"]
 
 BLUR_SIGMA = (0.1, 2.0)
-_BLUR_PROBABILITY: dict[str, float] = {"global_1": 1.0, "global_2": 0.1, "local": 0.5}
-_SOLARIZE_PROBABILITY: dict[str, float] = {"global_1": 0.0, "global_2": 0.2, "local": 0.0}
+BLUR_PROBABILITY: dict[str, float] = {"global_1": 1.0, "global_2": 0.1, "local": 0.5}
+SOLARIZE_PROBABILITY: dict[str, float] = {"global_1": 0.0, "global_2": 0.2, "local": 0.0}
 
 _to_normalized_tensor = transforms.Compose(
     [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
@@ -73,11 +73,11 @@ def build_photometric(kind: ViewKind) -> transforms.Compose:
         transforms.RandomGrayscale(p=0.2),
     ]
     blur = GaussianBlur(BLUR_SIGMA)
-    blur_p = _BLUR_PROBABILITY[kind]
+    blur_p = BLUR_PROBABILITY[kind]
     steps.append(blur if blur_p >= 1.0 else transforms.RandomApply([blur], p=blur_p))
-    if _SOLARIZE_PROBABILITY[kind] > 0:
+    if SOLARIZE_PROBABILITY[kind] > 0:
         # Solarize above 128 of 255, as DINO's ImageOps.solarize default.
-        steps.append(transforms.RandomSolarize(threshold=128, p=_SOLARIZE_PROBABILITY[kind]))
+        steps.append(transforms.RandomSolarize(threshold=128, p=SOLARIZE_PROBABILITY[kind]))
     return transforms.Compose(steps)
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 OBJECTIVES = ("odis", "image")
+AUGMENT_ON = ("auto", "loader", "device")
 
 
 @dataclass
@@ -46,6 +47,10 @@ class PretrainConfig:
     global_scale: tuple[float, float] = (0.25, 1.0)
     local_scale: tuple[float, float] = (0.05, 0.25)
     max_crop_tries: int = 20
+    # Where views are resampled and colour-augmented: "loader" (PIL in the DataLoader
+    # workers, DINO's own pipeline), "device" (one batched pass on the training device; the
+    # workers only decode and draw the crops: spec §13), "auto" (device on CUDA).
+    augment_on: str = "auto"
 
     # Block-wise MIM masks (iBOT)
     pred_ratio: tuple[float, float] = (0.0, 0.3)
@@ -110,6 +115,8 @@ class PretrainConfig:
                 raise ValueError(f"{name} must be >= 1")
         if config.attention_impl not in ("auto", "split", "dense"):
             raise ValueError(f"attention_impl: auto, split or dense, not {config.attention_impl!r}")
+        if config.augment_on not in AUGMENT_ON:
+            raise ValueError(f"augment_on: one of {AUGMENT_ON}, not {config.augment_on!r}")
         if config.n_global_crops != 2:
             raise ValueError("iBOT's objective needs exactly 2 global crops")
         for size_name in ("global_size", "local_size"):

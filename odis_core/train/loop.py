@@ -234,6 +234,7 @@ def make_dataset(config: PretrainConfig, store: MaskStore, images_root: Path) ->
         patch_size=config.patch_size,
         max_tries=config.max_crop_tries,
         object_aware=config.object_crops,
+        render_pixels=config.augment_on != "device",
     )
     mim = MimConfig(
         pred_ratio=config.pred_ratio,
@@ -367,6 +368,8 @@ class Trainer:
             if index == 0:
                 group["weight_decay"] = float(self.wd_schedule[step])
         batch = batch.to(self.device, non_blocking=True)
+        with torch.no_grad():
+            batch = batch.rendered(config.global_size, config.local_size)
         use_bf16 = self.device.startswith("cuda")
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
             with torch.no_grad():
@@ -468,6 +471,10 @@ def pretrain(
     config = config.resolved()
     joined_here = distributed.launched_by_torchrun() and not distributed.is_initialized()
     device = distributed.init_from_environment(resolve_device(config.device))
+    if config.augment_on == "auto":
+        # Resolved once and saved with the run: a resume renders views the same way.
+        on_gpu = device.startswith("cuda")
+        config = dataclasses.replace(config, augment_on="device" if on_gpu else "loader")
     try:
         yield from _run(config, images_root, store, out_dir, state, device)
     finally:
