@@ -223,6 +223,7 @@ def test_device_batches_are_the_same_in_any_worker_and_render_to_valid_views(tmp
         assert a.pending.global_params.shape == (6, N_PARAMS)
         moved = a.to("cpu")  # what the trainer does first: the pending views travel along
         assert torch.equal(moved.pending.sources, a.pending.sources)
+        assert moved.pending.global_params is a.pending.global_params  # stays on the host
         assert torch.equal(moved.global_patch_masks, a.global_patch_masks)
         rendered = moved.rendered(32, 16)
         assert rendered.pending is None

@@ -82,28 +82,38 @@ def draw_photometric_params(
 
 
 def apply_photometric(images: Tensor, params: Tensor) -> Tensor:
-    """(V, 3, S, S) float in [0, 1] + (V, N_PARAMS) -> (V, 3, S, S) ImageNet-normalised."""
+    """(V, 3, S, S) float in [0, 1] + (V, N_PARAMS) -> (V, 3, S, S) ImageNet-normalised.
+
+    Which views take which op is read from `params` on the host: pass them on the CPU (as
+    `PendingViews.to` leaves them) and no step waits for the GPU to pick its rows.
+    """
     if images.ndim != 4 or images.shape[1] != 3 or params.shape != (images.shape[0], N_PARAMS):
         raise ValueError(f"need (V, 3, S, S) images and (V, {N_PARAMS}) params")
     images = images.float()
-    params = params.to(images.device, torch.float32)
-    jitter = params[:, APPLY_JITTER] > 0.5
-    order = params[:, ORDER_COLUMNS].long()
+    host = params.detach().to("cpu", torch.float32)
+    factors = host.to(images.device, non_blocking=True)
+
+    def rows_where(selected: Tensor) -> Tensor | None:
+        rows = torch.nonzero(selected).squeeze(1)
+        return rows.to(images.device, non_blocking=True) if rows.numel() else None
+
+    jitter = host[:, APPLY_JITTER] > 0.5
+    order = host[:, ORDER_COLUMNS].long()
     for position in range(4):
         for op in (BRIGHTNESS_OP, CONTRAST_OP, SATURATION_OP, HUE_OP):
             # Each op runs only on the views that apply it at this position of their order.
-            rows = torch.nonzero(jitter & (order[:, position] == op)).squeeze(1)
-            if rows.numel():
-                images = images.index_copy(0, rows, _JITTER_OPS[op](images[rows], params[rows]))
-    rows = torch.nonzero(params[:, APPLY_GRAYSCALE] > 0.5).squeeze(1)
-    if rows.numel():
+            rows = rows_where(jitter & (order[:, position] == op))
+            if rows is not None:
+                images = images.index_copy(0, rows, _JITTER_OPS[op](images[rows], factors[rows]))
+    rows = rows_where(host[:, APPLY_GRAYSCALE] > 0.5)
+    if rows is not None:
         images = images.index_copy(0, rows, _grayscale(images[rows]).expand(-1, 3, -1, -1))
-    rows = torch.nonzero(params[:, APPLY_BLUR] > 0.5).squeeze(1)
-    if rows.numel():
+    rows = rows_where(host[:, APPLY_BLUR] > 0.5)
+    if rows is not None:
         images = images.index_copy(
-            0, rows, gaussian_blur(images[rows], params[rows, BLUR_SIGMA_COLUMN])
+            0, rows, gaussian_blur(images[rows], factors[rows, BLUR_SIGMA_COLUMN])
         )
-    solarize = (params[:, APPLY_SOLARIZE] > 0.5).view(-1, 1, 1, 1)
+    solarize = (factors[:, APPLY_SOLARIZE] > 0.5).view(-1, 1, 1, 1)
     images = torch.where(solarize & (images >= SOLARIZE_THRESHOLD), 1.0 - images, images)
     mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)

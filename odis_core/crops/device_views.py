@@ -53,7 +53,12 @@ class PendingViews:
         return dataclasses.replace(self, **changes)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> PendingViews:
-        return self.map_tensors(lambda tensor: tensor.to(device, non_blocking=non_blocking))
+        """Images, boxes and flips to `device`; the photometric parameters (a few numbers a
+        view) stay on the host, where `apply_photometric` reads them without a device sync."""
+        moved = self.map_tensors(lambda tensor: tensor.to(device, non_blocking=non_blocking))
+        return dataclasses.replace(
+            moved, global_params=self.global_params, local_params=self.local_params
+        )
 
 
 def source_tensor(image: Image.Image) -> tuple[Tensor, tuple[float, float]]:
