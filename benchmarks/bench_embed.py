@@ -26,7 +26,8 @@ from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
-from odis_core.embed.inference import _collate, _ObjectInputs, embed
+from odis_core.embed.device_decode import model_inputs
+from odis_core.embed.inference import _collate, _ObjectInputs, embed, resolve_decode_on
 from odis_core.masks.coco import import_coco
 from odis_core.model.obj_vit import ObjViT
 
@@ -92,16 +93,33 @@ def model_rate(
     return batch * iters / (time.perf_counter() - start)
 
 
-def pipeline_rate(images_dir, store, level, size, patch, batch, workers) -> float:
-    """Images per second of decode + resize + normalise (+ object masks) alone."""
-    dataset = _ObjectInputs(images_dir, list(store.images), store, level, "masked", size, patch)
+def pipeline_rate(
+    images_dir, store, level, size, patch, batch, workers, on_device=False, device="cpu"
+) -> tuple[float, float]:
+    """Images per second of the loader alone (decode + resize + normalise, + object masks;
+    with `on_device`, JPEGs only read and checked), and of decoding and resizing the
+    loader's encoded batches on `device` (nan when the loader decodes everything)."""
+    dataset = _ObjectInputs(
+        images_dir, list(store.images), store, level, "masked", size, patch,
+        decode_on_device=on_device,
+    )
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=batch, num_workers=workers, collate_fn=_collate
     )
     start = time.perf_counter()
-    for _ in loader:
-        pass
-    return len(dataset) / (time.perf_counter() - start)
+    batches = [item["images"] for item in loader if item["images"] is not None]
+    loader_rate = len(dataset) / (time.perf_counter() - start)
+    if not on_device:
+        return loader_rate, float("nan")
+    model_inputs(batches[0], size, device)  # warm-up
+    sync(device)
+    start = time.perf_counter()
+    n_inputs = 0
+    for entries in batches:
+        n_inputs += len(entries)
+        model_inputs(entries, size, device)
+    sync(device)
+    return loader_rate, n_inputs / (time.perf_counter() - start)
 
 
 def main() -> None:
@@ -115,16 +133,25 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="small sizes for a CPU run")
+    parser.add_argument(
+        "--decode-on",
+        default="auto",
+        choices=("auto", "loader", "device"),
+        help="where whole-image JPEG inputs are decoded (auto: device on CUDA)",
+    )
     options = parser.parse_args()
     if options.quick:
         options.batch_size, options.n_images, options.iters = 8, 16, 2
     device, size = options.device, options.image_size
+    decode_on = resolve_decode_on(options.decode_on, device)
+    on_device = decode_on == "device"
 
     console = Console(width=160)
     table = Table(
         title=f"embed throughput on {device} ({'bf16' if 'cuda' in device else 'fp32'}"
         f"), {size} px, batch {options.batch_size} images, "
-        f"{options.objects_per_image} objects/image, {options.workers} workers"
+        f"{options.objects_per_image} objects/image, {options.workers} workers, "
+        f"JPEGs decoded on the {decode_on}"
     )
     for column in (
         "arch",
@@ -132,6 +159,7 @@ def main() -> None:
         "model obj/s (masked)",
         "input img/s (image)",
         "input img/s (object)",
+        "device decode img/s",
         "embed img/s (image)",
         "embed obj/s (masked)",
         "bottleneck",
@@ -154,11 +182,13 @@ def main() -> None:
                 device,
             )
             patch = backbone.patch_size
-            input_image = pipeline_rate(
-                images_dir, store, "image", size, patch, options.batch_size, options.workers
+            input_image, device_decode = pipeline_rate(
+                images_dir, store, "image", size, patch, options.batch_size, options.workers,
+                on_device, device,
             )
-            input_object = pipeline_rate(
-                images_dir, store, "object", size, patch, options.batch_size, options.workers
+            input_object, _ = pipeline_rate(
+                images_dir, store, "object", size, patch, options.batch_size, options.workers,
+                on_device, device,
             )
             rates = {}
             for level in ("image", "object"):
@@ -172,16 +202,19 @@ def main() -> None:
                     batch_size=options.batch_size,
                     device=device,
                     workers=options.workers,
+                    decode_on=decode_on,
                 )
                 sync(device)
                 rates[level] = time.perf_counter() - start
-            bottleneck = "input" if input_image < model_images else "model"
+            input_ceiling = min(input_image, device_decode) if on_device else input_image
+            bottleneck = "input" if input_ceiling < model_images else "model"
             table.add_row(
                 arch,
                 f"{model_images:,.1f}",
                 f"{model_objects:,.1f}",
                 f"{input_image:,.1f}",
                 f"{input_object:,.1f}",
+                f"{device_decode:,.1f}",
                 f"{options.n_images / rates['image']:,.1f}",
                 f"{n_objects / rates['object']:,.1f}",
                 bottleneck,

@@ -39,6 +39,10 @@ def embed(
     ] = 1000,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     workers: Annotated[int, typer.Option(help="Data-loading processes.")] = 0,
+    decode_on: Annotated[
+        str, typer.Option(help="Where whole-image inputs of plain JPEGs are decoded and "
+                          "resized: loader (PIL), device (the GPU), or auto (device on CUDA).")
+    ] = "auto",
     dtype: Annotated[str, typer.Option(help="Stored features: float32 or float16.")] = "float32",
     half: Annotated[bool, typer.Option(help="Same as --dtype float16.")] = False,
     random_init: Annotated[
@@ -55,7 +59,7 @@ def embed(
     `torchrun --nproc-per-node N -m odis_cli embed ...` (each rank writes its shards).
     """
     from odis_core.embed.backbones import load_backbone, weights_fingerprint
-    from odis_core.embed.inference import build_backbone, list_records
+    from odis_core.embed.inference import build_backbone, list_records, resolve_decode_on
     from odis_core.embed.shards import (
         EmbedFinished,
         EmbedSettings,
@@ -90,7 +94,8 @@ def embed(
         barrier = init_distributed(device)
         size = image_size or loaded.image_size
         settings = EmbedSettings(level, mode if level == "object" else "cls", size, shard_size,
-                                 dtype, weights, len(records), records_fingerprint(records))
+                                 dtype, weights, len(records), records_fingerprint(records),
+                                 resolve_decode_on(decode_on, device))
         info = {"backbone": loaded.name, "checkpoint": str(checkpoint), "level": level,
                 "mode": settings.mode, "random_init": random_init, "weights": weights,
                 "source": loaded.source}

@@ -34,8 +34,17 @@ def test_bench_pretrain_quick_runs_and_writes_all_figures(tmp_path, monkeypatch)
 
 def test_bench_pretrain_loader_only_times_both_places_to_render(tmp_path, monkeypatch):
     out = tmp_path / "loader.json"
-    argv = [str(BENCH), "--quick", "--loader-only", "--augment-on", "both", "--steps", "2",
-            "--json", str(out)]
+    argv = [
+        str(BENCH),
+        "--quick",
+        "--loader-only",
+        "--augment-on",
+        "both",
+        "--steps",
+        "2",
+        "--json",
+        str(out),
+    ]
     monkeypatch.setattr(sys, "argv", argv)
     runpy.run_path(str(BENCH), run_name="__main__")
     figures = json.loads(out.read_text())["loader"]

@@ -73,19 +73,28 @@ def test_batched_photometric_equals_torchvision_view_by_view():
 def test_photometric_parameters_follow_the_recipe():
     generator = torch.Generator().manual_seed(1)
     n = 3000
-    for kind, blur_p, solarize_p in (("global_1", 1.0, 0.0), ("global_2", 0.1, 0.2),
-                                      ("local", 0.5, 0.0)):
+    for kind, blur_p, solarize_p in (
+        ("global_1", 1.0, 0.0),
+        ("global_2", 0.1, 0.2),
+        ("local", 0.5, 0.0),
+    ):
         params = torch.stack([draw_photometric_params(kind, generator) for _ in range(n)])
         assert params[:, APPLY_JITTER].mean() == pytest.approx(0.8, abs=0.03)
         assert params[:, APPLY_GRAYSCALE].mean() == pytest.approx(0.2, abs=0.03)
         assert params[:, APPLY_BLUR].mean() == pytest.approx(blur_p, abs=0.03)
         assert params[:, APPLY_SOLARIZE].mean() == pytest.approx(solarize_p, abs=0.03)
-        for column, low, high in ((BRIGHTNESS_FACTOR, 0.6, 1.4), (CONTRAST_FACTOR, 0.6, 1.4),
-                                  (SATURATION_FACTOR, 0.8, 1.2), (HUE_FACTOR, -0.1, 0.1),
-                                  (BLUR_SIGMA_COLUMN, 0.1, 2.0)):
+        for column, low, high in (
+            (BRIGHTNESS_FACTOR, 0.6, 1.4),
+            (CONTRAST_FACTOR, 0.6, 1.4),
+            (SATURATION_FACTOR, 0.8, 1.2),
+            (HUE_FACTOR, -0.1, 0.1),
+            (BLUR_SIGMA_COLUMN, 0.1, 2.0),
+        ):
             values = params[:, column]
             assert low <= values.min() and values.max() <= high
-            assert values.min() < low + 0.05 * (high - low) and values.max() > high - 0.05 * (high - low)
+            assert values.min() < low + 0.05 * (high - low) and values.max() > high - 0.05 * (
+                high - low
+            )
         orders = params[:, ORDER_COLUMNS].long()
         assert (orders.sort(dim=1).values == torch.arange(4)).all()
         assert len({tuple(row) for row in orders.tolist()}) == 24
@@ -96,11 +105,14 @@ def test_disabled_photometric_draws_the_same_stream_and_only_normalises():
     on = draw_photometric_params("global_2", a)
     off = draw_photometric_params("global_2", b, enabled=False)
     assert off[[APPLY_JITTER, APPLY_GRAYSCALE, APPLY_BLUR, APPLY_SOLARIZE]].sum() == 0
-    assert torch.equal(on[BRIGHTNESS_FACTOR:HUE_FACTOR + 1], off[BRIGHTNESS_FACTOR:HUE_FACTOR + 1])
+    assert torch.equal(
+        on[BRIGHTNESS_FACTOR : HUE_FACTOR + 1], off[BRIGHTNESS_FACTOR : HUE_FACTOR + 1]
+    )
     assert torch.rand((), generator=a) == torch.rand((), generator=b)  # same number of draws
     image = torch.rand(1, 3, 8, 8)
     torch.testing.assert_close(
-        apply_photometric(image, off[None]), TF.normalize(image[0], IMAGENET_MEAN, IMAGENET_STD)[None]
+        apply_photometric(image, off[None]),
+        TF.normalize(image[0], IMAGENET_MEAN, IMAGENET_STD)[None],
     )
 
 
@@ -108,8 +120,13 @@ def ramp_image(height: int, width: int) -> torch.Tensor:
     """(3, H, W) float: red = x of the pixel centre / W, green = y / H, blue = 0.5."""
     ys = (torch.arange(height, dtype=torch.float32) + 0.5) / height
     xs = (torch.arange(width, dtype=torch.float32) + 0.5) / width
-    return torch.stack([xs.expand(height, width), ys[:, None].expand(height, width),
-                        torch.full((height, width), 0.5)])
+    return torch.stack(
+        [
+            xs.expand(height, width),
+            ys[:, None].expand(height, width),
+            torch.full((height, width), 0.5),
+        ]
+    )
 
 
 def unnormalise(views: torch.Tensor) -> torch.Tensor:
@@ -136,8 +153,9 @@ def test_render_samples_the_planned_box_at_output_pixel_centres(box, flip):
     if flip:
         expected_red = expected_red.flip(-1)
     torch.testing.assert_close(view[0], expected_red, atol=1e-5, rtol=0)
-    torch.testing.assert_close(view[1], (centres_y / height)[:, None].expand(size, size),
-                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        view[1], (centres_y / height)[:, None].expand(size, size), atol=1e-5, rtol=0
+    )
 
 
 def test_edge_padding_keeps_a_small_image_s_border_pixels():
@@ -173,20 +191,31 @@ def test_device_views_show_their_object_where_the_patch_masks_say(tmp_path):
     mask = np.zeros((height, width), dtype=bool)
     mask[25:70, 40:95] = True
     image = Image.fromarray(np.where(mask, 255, 0).astype(np.uint8)).convert("RGB")
-    multicrop = ObjectMultiCrop(global_size=32, local_size=16, n_local=6, patch_size=8,
-                                photometric=False, render_pixels=False)
+    multicrop = ObjectMultiCrop(
+        global_size=32,
+        local_size=16,
+        n_local=6,
+        patch_size=8,
+        photometric=False,
+        render_pixels=False,
+    )
     generator = torch.Generator().manual_seed(4)
     for _ in range(10):
         views = multicrop(image, mask, generator)
         assert views.global_images == [] and len(views.global_plans) == 2
         source, scales = source_tensor(image)
-        for plans, masks, size in ((views.global_plans, views.global_patch_masks, 32),
-                                   (views.local_plans, views.local_patch_masks, 16)):
+        for plans, masks, size in (
+            (views.global_plans, views.global_patch_masks, 32),
+            (views.local_plans, views.local_patch_masks, 16),
+        ):
             for plan, in_object in zip(plans, masks, strict=True):
                 c = plan.crop
                 boxes = torch.tensor([[0.0, c.left, c.top, c.left + c.width, c.top + c.height]])
-                rendered = unnormalise(render(source[None], boxes, torch.tensor([plan.flip]),
-                                              plan.photometric[None], size))[0, 0]
+                rendered = unnormalise(
+                    render(
+                        source[None], boxes, torch.tensor([plan.flip]), plan.photometric[None], size
+                    )
+                )[0, 0]
                 grid = size // 8
                 brightness = rendered.reshape(grid, 8, grid, 8).mean(dim=(1, 3)).reshape(-1)
                 # >= 0.5 coverage is in (spec §3); sampling blurs the edge by < 1 px.
@@ -198,22 +227,26 @@ def small_store(tmp_path, n_images=6):
     from odis_core.masks.coco import import_coco
     from odis_core.scenes.synthetic import SceneConfig, generate_scenes
 
-    splits = generate_scenes(tmp_path / "scenes", n_images, 1, seed=2,
-                             config=SceneConfig(image_size=48))
-    store, _ = import_coco(splits["train"].annotations, tmp_path / "masks",
-                           images_root=splits["train"].images_dir)
+    splits = generate_scenes(
+        tmp_path / "scenes", n_images, 1, seed=2, config=SceneConfig(image_size=48)
+    )
+    store, _ = import_coco(
+        splits["train"].annotations, tmp_path / "masks", images_root=splits["train"].images_dir
+    )
     return store, splits["train"].images_dir
 
 
 def test_device_batches_are_the_same_in_any_worker_and_render_to_valid_views(tmp_path):
     store, images_dir = small_store(tmp_path)
-    multicrop = ObjectMultiCrop(global_size=32, local_size=16, n_local=2, patch_size=8,
-                                render_pixels=False)
+    multicrop = ObjectMultiCrop(
+        global_size=32, local_size=16, n_local=2, patch_size=8, render_pixels=False
+    )
     dataset = ObjectCropDataset(store, images_dir, multicrop, seed=7)
     batches = []
     for workers in (0, 2):
-        loader = torch.utils.data.DataLoader(dataset, batch_size=3, num_workers=workers,
-                                             collate_fn=collate_crops)
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=3, num_workers=workers, collate_fn=collate_crops
+        )
         batches.append(list(loader))
     for a, b in zip(*batches, strict=True):
         assert a.pending is not None and a.global_crops.numel() == 0
@@ -239,10 +272,24 @@ def test_pretrain_renders_on_the_device_when_asked_and_records_it(tmp_path):
     from odis_core.train.loop import RunFinished, pretrain
 
     store, images_dir = small_store(tmp_path, n_images=8)
-    base = PretrainConfig(arch="vit_tiny", depth=2, patch_size=8, global_size=32, local_size=16,
-                          n_local_crops=2, out_dim=64, head_hidden_dim=32, head_bottleneck_dim=16,
-                          batch_size=4, epochs=1, warmup_epochs=0, min_patches_per_block=2,
-                          device="cpu", workers=0, tensorboard=False)
+    base = PretrainConfig(
+        arch="vit_tiny",
+        depth=2,
+        patch_size=8,
+        global_size=32,
+        local_size=16,
+        n_local_crops=2,
+        out_dim=64,
+        head_hidden_dim=32,
+        head_bottleneck_dim=16,
+        batch_size=4,
+        epochs=1,
+        warmup_epochs=0,
+        min_patches_per_block=2,
+        device="cpu",
+        workers=0,
+        tensorboard=False,
+    )
     for augment_on, expected in (("device", "device"), ("auto", "loader")):
         run = tmp_path / f"run_{augment_on}"
         config = dataclasses.replace(base, augment_on=augment_on)
@@ -250,7 +297,9 @@ def test_pretrain_renders_on_the_device_when_asked_and_records_it(tmp_path):
         report = next(e for e in events if isinstance(e, RunFinished)).report
         assert report["steps"] == 2
         assert json.loads((run / "config.json").read_text())["augment_on"] == expected
-        assert all(np.isfinite(json.loads(line)["loss"])
-                   for line in (run / "metrics.jsonl").read_text().splitlines())
+        assert all(
+            np.isfinite(json.loads(line)["loss"])
+            for line in (run / "metrics.jsonl").read_text().splitlines()
+        )
     with pytest.raises(ValueError, match="augment_on"):
         dataclasses.replace(base, augment_on="gpu").resolved()

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from odis_core.crops.object_aware import CropBox, patch_coverage, patchify
 from odis_core.crops.photometric import normalize_only
+from odis_core.embed.device_decode import encoded_jpeg, model_inputs
 from odis_core.images import UnreadableImageError, list_images, load_rgb
 from odis_core.masks.store import UNKNOWN_CATEGORY, ImageRecord, MaskStore
 from odis_core.model.network import meanpool_object
@@ -36,6 +37,7 @@ from odis_core.train.config import PretrainConfig
 from odis_core.train.loop import build_backbone_for, build_network
 
 LEVELS = ("object", "image")
+DECODE_ON = ("auto", "loader", "device")
 OBJECT_MODES = ("masked", "crop", "blackout", "meanpool")
 
 
@@ -79,10 +81,14 @@ class _ObjectInputs(Dataset):
         mode: str,
         image_size: int,
         patch_size: int,
+        decode_on_device: bool = False,
     ) -> None:
         self.images_root, self.records, self.store = images_root, records, store
         self.level, self.mode = level, mode
         self.image_size, self.grid = image_size, (image_size // patch_size,) * 2
+        # Whole-image inputs of plain JPEGs travel encoded; the device decodes and resizes.
+        whole_image_input = level == "image" or mode in ("masked", "meanpool")
+        self.decode_on_device = decode_on_device and whole_image_input
 
     def __len__(self) -> int:
         return len(self.records)
@@ -97,10 +103,17 @@ class _ObjectInputs(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         record = self.records[index]
+        path = self.images_root / record.file_name
+        encoded = encoded_jpeg(path) if self.decode_on_device else None
         try:
-            image = load_rgb(self.images_root / record.file_name)
+            image = load_rgb(path) if encoded is None else None
         except UnreadableImageError as error:
             return {"skipped": str(error)}
+        if encoded is not None:
+            whole_input, width, height = encoded
+        else:
+            assert image is not None
+            whole_input, (width, height) = None, image.size
         n_patches = self.grid[0] * self.grid[1]
         all_patches = torch.ones(n_patches, dtype=torch.bool)
         objects = self.store.objects_of(record.image_id) if self.store is not None else []
@@ -108,16 +121,18 @@ class _ObjectInputs(Dataset):
             largest = max(objects, key=lambda o: o.area, default=None)
             label = largest.category_id if largest is not None else UNKNOWN_CATEGORY
             row = {"image": record.file_name, "image_id": record.image_id, "object_id": None,
-                   "category_id": label, "box": [0, 0, image.width, image.height]}
-            return {"images": [self._resize(image)], "owner": [0], "masks": [all_patches],
-                    "rows": [row]}
+                   "category_id": label, "box": [0, 0, width, height]}
+            inputs = [whole_input if whole_input is not None else self._resize(image)]
+            return {"images": inputs, "owner": [0], "masks": [all_patches], "rows": [row]}
         shared = self.mode in ("masked", "meanpool")
-        inputs = [self._resize(image)] if shared and objects else []
+        inputs = []
+        if shared and objects:
+            inputs = [whole_input if whole_input is not None else self._resize(image)]
         owner, masks, rows = [], [], []
         for obj in objects:
             owner.append(0 if shared else len(inputs))
             if shared:
-                mask = MaskStore.decode(obj, image.height, image.width)
+                mask = MaskStore.decode(obj, height, width)
                 masks.append(self._patch_mask(mask))
             elif self.mode == "crop":
                 x, y, w, h = obj.bbox_xywh
@@ -148,11 +163,38 @@ def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
         masks += item["masks"]
         rows += item["rows"]
     return {
-        "images": torch.stack(images) if images else None,
+        # A list when some images travel encoded (`model_inputs` decodes them on the device).
+        "images": (torch.stack(images) if all(i.ndim == 3 for i in images) else images)
+        if images
+        else None,
         "owner": torch.tensor(owner, dtype=torch.int64),
         "masks": torch.stack(masks) if masks else None,
         "rows": rows,
         "skipped": skipped,
+    }
+
+
+def resolve_decode_on(decode_on: str, device: str) -> str:
+    """"loader" or "device": where whole-image inputs are decoded ("auto": device on CUDA)."""
+    if decode_on not in DECODE_ON:
+        raise ValueError(f"decode_on must be one of {DECODE_ON}, got {decode_on!r}")
+    if decode_on == "auto":
+        return "device" if device.startswith("cuda") else "loader"
+    return decode_on
+
+
+def _without_images(batch: dict[str, Any], failed: list[int]) -> dict[str, Any]:
+    """`batch` without the objects of its `failed` inputs, each named in "skipped"."""
+    keep = [k for k, owner in enumerate(batch["owner"].tolist()) if owner not in failed]
+    names = {batch["rows"][k]["image"] for k, o in enumerate(batch["owner"].tolist())
+             if o in failed}
+    return {
+        "images": batch["images"],
+        "owner": batch["owner"][keep],
+        "masks": batch["masks"][keep] if keep else None,
+        "rows": [batch["rows"][k] for k in keep],
+        "skipped": batch["skipped"] + [f"{name}: cannot decode (device JPEG decoder)"
+                                       for name in sorted(names)],
     }
 
 
@@ -168,6 +210,7 @@ def embed(
     device: str = "cpu",
     workers: int = 0,
     progress: Callable[[int, int], None] | None = None,
+    decode_on: str = "auto",
 ) -> EmbedResult:
     """Features for every object (level "object") or image (level "image").
 
@@ -177,7 +220,7 @@ def embed(
     """
     records = list_records(images_root, store, level, mode)
     return embed_records(backbone, images_root, records, store, level, mode, image_size,
-                         batch_size, device, workers, progress)
+                         batch_size, device, workers, progress, decode_on)
 
 
 def list_records(
@@ -209,10 +252,17 @@ def embed_records(
     device: str = "cpu",
     workers: int = 0,
     progress: Callable[[int, int], None] | None = None,
+    decode_on: str = "auto",
 ) -> EmbedResult:
-    """Features of the objects (or images) of `records`, in their order (see `embed`)."""
+    """Features of the objects (or images) of `records`, in their order (see `embed`).
+
+    decode_on: "loader" (PIL in the loader), "device" (whole-image inputs of plain JPEGs
+    decoded and resized on `device`, see `device_decode.py`), "auto" (device on CUDA).
+    """
+    on_device = resolve_decode_on(decode_on, device) == "device"
     dataset = _ObjectInputs(
-        Path(images_root), records, store, level, mode, image_size, backbone.patch_size
+        Path(images_root), records, store, level, mode, image_size, backbone.patch_size,
+        decode_on_device=on_device,
     )
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=_collate)
     backbone = backbone.to(device).eval()
@@ -222,7 +272,12 @@ def embed_records(
     for batch in loader:
         skipped += batch["skipped"]
         if batch["masks"] is not None:
-            images = batch["images"].to(device, non_blocking=True)
+            images, failed = model_inputs(batch["images"], image_size, device)
+            if failed:  # bytes that passed the header checks but did not decode
+                reported = len(batch["skipped"])
+                batch = _without_images(batch, failed)
+                skipped += batch["skipped"][reported:]
+        if batch["masks"] is not None:
             inputs = images[batch["owner"].to(device, non_blocking=True)]
             masks = batch["masks"].to(device, non_blocking=True)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):

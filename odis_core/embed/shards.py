@@ -53,6 +53,7 @@ class EmbedSettings:
     weights: str  # backbone fingerprint
     n_images: int
     images: str = ""  # fingerprint of the image list (records_fingerprint)
+    decode: str = "loader"  # "loader" | "device": where whole-image inputs are decoded
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -64,6 +65,7 @@ class EmbedSettings:
             "weights": self.weights,
             "n_images": self.n_images,
             "images": self.images,
+            "decode": self.decode,
         }
 
 
@@ -219,6 +221,7 @@ def embed_to_directory(
             batch_size,
             device,
             workers,
+            decode_on=settings.decode,
         )
         if result.features.shape[0] == 0:
             result.features = np.zeros((0, backbone.embed_dim), np.float32)
