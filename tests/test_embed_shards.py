@@ -2,6 +2,7 @@
 (backbones.py) and the attention / PCA pictures (viz.py), on a tiny ViT and tiny scenes."""
 
 import argparse
+import json
 
 import numpy as np
 import pytest
@@ -45,7 +46,9 @@ def tiny_backbone(seed=0):
     return ObjViT("vit_tiny", **TINY).eval()
 
 
-def run_to_end(out, images, store, shard_size=3, rank=0, world_size=1, backbone=None):
+def run_to_end(
+    out, images, store, shard_size=3, rank=0, world_size=1, backbone=None, decode="loader"
+):
     backbone = backbone or tiny_backbone()
     records = list_records(images, store, "object", "masked")
     settings = EmbedSettings(
@@ -57,6 +60,7 @@ def run_to_end(out, images, store, shard_size=3, rank=0, world_size=1, backbone=
         weights_fingerprint(backbone.vit),
         len(records),
         records_fingerprint(records),
+        decode,
     )
     return list(
         embed_to_directory(
@@ -123,6 +127,20 @@ def test_other_settings_do_not_mix_with_unfinished_shards(tmp_path, scenes):
         run_to_end(tmp_path / "feat", images, store, backbone=tiny_backbone(seed=1))
     with pytest.raises(ValueError, match="shard_size"):
         run_to_end(tmp_path / "feat", images, store, shard_size=4)
+
+
+def test_shards_of_a_version_without_decode_resume_as_loader_decoded(tmp_path, scenes):
+    images, store = scenes
+    out = tmp_path / "feat"
+    run_to_end(out, images, store, rank=0, world_size=2)
+    settings_file = out / "shards" / "settings.json"
+    old = json.loads(settings_file.read_text())
+    del old["decode"]  # written before the loader/device choice existed
+    settings_file.write_text(json.dumps(old))
+    with pytest.raises(ValueError, match="decode"):
+        run_to_end(out, images, store, decode="device")
+    events = run_to_end(out, images, store)
+    assert [e.resumed for e in events if isinstance(e, ShardDone)] == [True, False, True, False]
 
 
 def test_records_fingerprint_follows_names_and_order(scenes):

@@ -107,7 +107,7 @@ def _check_settings(out_dir: Path, settings: dict[str, Any]) -> None:
     """Record the settings on a fresh output; refuse to mix shards of other settings."""
     path = out_dir / SHARDS_DIR / SETTINGS_FILE
     if path.is_file():
-        previous = json.loads(path.read_text(encoding="utf-8"))
+        previous = _with_defaults(json.loads(path.read_text(encoding="utf-8")))
         changed = sorted(
             key for key in set(previous) | set(settings) if previous.get(key) != settings.get(key)
         )
@@ -131,7 +131,13 @@ def _final_is_current(out_dir: Path, settings: dict[str, Any]) -> bool:
         info = json.loads(info_path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return False
-    return info.get("settings") == settings
+    previous = info.get("settings")
+    return isinstance(previous, dict) and _with_defaults(previous) == settings
+
+
+def _with_defaults(settings: dict[str, Any]) -> dict[str, Any]:
+    # Directories written before `decode` existed were all decoded by the loader.
+    return {"decode": "loader", **settings}
 
 
 def _merge(out_dir: Path, n_shards: int, info: dict[str, Any]) -> EmbedFinished:
