@@ -79,9 +79,34 @@ def exif_orientation(path: Path | str) -> int:
     """The EXIF orientation tag of `path` (1, upright, when absent or unreadable)."""
     try:
         with Image.open(path) as image:
-            return int(image.getexif().get(_EXIF_ORIENTATION, 1))
+            return orientation_of(image)
     except Exception:  # noqa: BLE001 (unreadable files are reported by probe/load)
         return 1
+
+
+def open_image(path: Path | str, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """PIL's lazy open (header only) with our pixel limit as the one limit; raises
+    `UnreadableImageError` for an oversized or empty image. PIL's own errors propagate
+    (callers turn them into one line with the file's name)."""
+    with warnings.catch_warnings():
+        # PIL warns from 89 M pixels and raises from 179 M; ours is the one limit.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        image = Image.open(path)
+    width, height = image.size
+    if width * height > max_pixels:
+        image.close()
+        raise UnreadableImageError(
+            path, f"{width}x{height} pixels exceeds the limit of {max_pixels}"
+        )
+    if width < 1 or height < 1:
+        image.close()
+        raise UnreadableImageError(path, "empty image")
+    return image
+
+
+def orientation_of(image: Image.Image) -> int:
+    """The EXIF orientation tag of an opened image (1, upright, when absent)."""
+    return int(image.getexif().get(_EXIF_ORIENTATION, 1))
 
 
 def probe_image(path: Path | str, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[int, int]:
@@ -90,20 +115,11 @@ def probe_image(path: Path | str, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[i
     truncated after its header passes here and fails in `load_rgb`."""
     path = Path(path)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(path)
-        with image:
+        with open_image(path, max_pixels) as image:
             width, height = image.size
-            orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+            orientation = orientation_of(image)
     except Exception as error:  # noqa: BLE001 (every failure is one reason, reported)
         raise _unreadable(path, error) from None
-    if width * height > max_pixels:
-        raise UnreadableImageError(
-            path, f"{width}x{height} pixels exceeds the limit of {max_pixels}"
-        )
-    if width < 1 or height < 1:
-        raise UnreadableImageError(path, "empty image")
     return (height, width) if orientation in _TRANSPOSING_ORIENTATIONS else (width, height)
 
 
@@ -128,16 +144,7 @@ def load_rgb(path: Path | str, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Imag
     """
     path = Path(path)
     try:
-        with warnings.catch_warnings():
-            # PIL warns from 89 M pixels and raises from 179 M; ours is the one limit.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(path)
-        with image:
-            width, height = image.size
-            if width * height > max_pixels:
-                raise UnreadableImageError(
-                    path, f"{width}x{height} pixels exceeds the limit of {max_pixels}"
-                )
+        with open_image(path, max_pixels) as image:
             image.load()
             image = ImageOps.exif_transpose(image)
             rgb = _to_rgb(image)

@@ -14,19 +14,16 @@ file (PNG, CMYK, rotated, suspect) is decoded by the loader as before, in the sa
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import Tensor
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from odis_core.crops.photometric import IMAGENET_MEAN, IMAGENET_STD
-from odis_core.images import MAX_IMAGE_PIXELS
+from odis_core.images import MAX_IMAGE_PIXELS, open_image, orientation_of
 
-_EXIF_ORIENTATION = 0x0112
 _JPEG_END = b"\xff\xd9"
 
 
@@ -34,15 +31,12 @@ def encoded_jpeg(path: Path, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[Tensor
     """(file bytes as a 1-D uint8 tensor, width, height) when the device can decode `path`,
     else None (the caller decodes it with `load_rgb`, which also reports broken files)."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(path)
-        with image:
+        with open_image(path, max_pixels) as image:
             if image.format != "JPEG" or image.mode not in ("RGB", "L"):
                 return None
-            width, height = image.size
-            if image.getexif().get(_EXIF_ORIENTATION, 1) != 1 or width * height > max_pixels:
+            if orientation_of(image) != 1:
                 return None
+            width, height = image.size
         data = path.read_bytes()
     except Exception:  # noqa: BLE001 (load_rgb gives the one-line reason)
         return None
