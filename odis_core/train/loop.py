@@ -44,7 +44,7 @@ from odis_core.train.checkpoint import (
     load_strict,
     save_checkpoint,
 )
-from odis_core.train.config import PretrainConfig
+from odis_core.train.config import ARCH_OVERRIDES, PretrainConfig
 from odis_core.train.ema import make_teacher, update_teacher
 from odis_core.train.metrics import CollapseWatch, RunLog
 from odis_core.train.schedules import cosine_schedule
@@ -160,7 +160,11 @@ class EpochSampler(Sampler[int]):
 def build_backbone_for(
     config: PretrainConfig, drop_path_rate: float, grad_checkpointing: bool = False
 ) -> ObjViT:
-    depth = {} if config.depth is None else {"depth": config.depth}
+    overrides = {
+        name: getattr(config, name)
+        for name in ARCH_OVERRIDES
+        if getattr(config, name) is not None
+    }
     return ObjViT(
         config.arch,
         img_size=config.global_size,
@@ -168,7 +172,8 @@ def build_backbone_for(
         drop_path_rate=drop_path_rate,
         attention_impl=config.attention_impl,
         grad_checkpointing=grad_checkpointing,
-        **depth,
+        pos_embed_resample=config.pos_embed_resample,
+        **overrides,
     )
 
 
