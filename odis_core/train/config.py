@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from odis_core.precision import PRECISIONS
+
 OBJECTIVES = ("odis", "image")
 AUGMENT_ON = ("auto", "loader", "device")
-PRECISIONS = ("auto", "bf16", "fp32")
 # Architecture fields a run may override (None: the timm architecture's own value).
 ARCH_OVERRIDES = ("depth", "embed_dim", "num_heads")
 
