@@ -146,3 +146,21 @@ def test_max_steps_inside_warmup_warns_and_steps_does_not(store, tmp_path):
     # at 0), so the second step runs at the peak, 5e-4 x 4 / 256.
     lrs = [r["lr"] for r in _records(fitted)]
     assert lrs == [0.0, pytest.approx(5e-4 * 4 / 256)]
+
+
+def test_embed_in_bf16_is_close_to_fp32(store):
+    from odis_core.embed.inference import embed
+    from odis_core.masks.store import read_store
+    from odis_core.model.obj_vit import ObjViT
+
+    masks = read_store(store)
+    backbone = ObjViT("vit_tiny", img_size=32, patch_size=8, depth=2, drop_path_rate=0.0)
+    runs = {
+        p: embed(backbone, masks.images_root, masks, image_size=32, batch_size=8, precision=p)
+        for p in ("fp32", "bf16")
+    }
+    fp32, bf16 = (runs[p].features for p in ("fp32", "bf16"))
+    assert fp32.dtype == bf16.dtype == np.float32 and fp32.shape == bf16.shape
+    assert not np.array_equal(fp32, bf16)  # bf16 really ran
+    cosine = (fp32 * bf16).sum(1) / np.linalg.norm(fp32, axis=1) / np.linalg.norm(bf16, axis=1)
+    assert cosine.min() > 0.99
