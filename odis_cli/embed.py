@@ -44,6 +44,10 @@ def embed(
                           "resized: loader (PIL), device (the GPU), or auto (device on CUDA).")
     ] = "auto",
     dtype: Annotated[str, typer.Option(help="Stored features: float32 or float16.")] = "float32",
+    precision: Annotated[
+        str, typer.Option(help="Autocast: bf16, fp32 or auto (bf16 on CUDA and on CPUs with "
+                          "AMX / AVX-512 BF16, fp32 otherwise).", show_default=True)
+    ] = "auto",
     half: Annotated[bool, typer.Option(help="Same as --dtype float16.")] = False,
     random_init: Annotated[
         bool, typer.Option(help="Baseline: the run's architecture at its initial weights.")
@@ -72,6 +76,7 @@ def embed(
         records_fingerprint,
     )
     from odis_core.masks.store import read_store
+    from odis_core.precision import resolve_precision
     from odis_core.train.loop import resolve_device
 
     with cli_errors():
@@ -93,15 +98,17 @@ def embed(
         device = rank_device(resolve_device(device), local_rank)
         barrier = init_distributed(device)
         size = image_size or loaded.image_size
+        precision = resolve_precision(precision, device)
         settings = EmbedSettings(level, mode if level == "object" else "cls", size, shard_size,
                                  dtype, weights, len(records), records_fingerprint(records),
                                  resolve_decode_on(decode_on, device))
         info = {"backbone": loaded.name, "checkpoint": str(checkpoint), "level": level,
                 "mode": settings.mode, "random_init": random_init, "weights": weights,
-                "source": loaded.source}
+                "source": loaded.source, "precision": precision}
         events = embed_to_directory(backbone, images, records, store, out, settings, info,
                                     batch_size=batch_size, device=device, workers=workers,
-                                    rank=rank, world_size=world_size, barrier=barrier)
+                                    rank=rank, world_size=world_size, barrier=barrier,
+                                    precision=precision)
         finished = None
         try:
             with make_progress() as progress:

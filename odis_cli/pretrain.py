@@ -25,6 +25,7 @@ def run_training(events, description: str = "pretraining") -> dict:
         CollapseWarning,
         RunFinished,
         RunStarted,
+        ScheduleWarning,
         StepDone,
     )
 
@@ -46,7 +47,7 @@ def run_training(events, description: str = "pretraining") -> dict:
                 processes = distributed.world_size()
                 console.print(
                     f"{event.n_images} images, {event.iters_per_epoch} steps/epoch, "
-                    f"{event.total_steps} steps, device {event.device}"
+                    f"{event.total_steps} steps, device {event.device} ({event.config.precision})"
                     + (f", {processes} processes (DDP)" if processes > 1 else "")
                     + (f", resuming at step {event.start_step}" if event.start_step else ""),
                     highlight=False,
@@ -59,6 +60,10 @@ def run_training(events, description: str = "pretraining") -> dict:
                     f"  data wait {100 * m['data_wait_share']:.0f}%"
                 )
                 progress.update(task, completed=event.step, status=status)
+            elif isinstance(event, ScheduleWarning):
+                progress.console.print(
+                    f"[yellow]warning:[/yellow] {escape(event.message)}", highlight=False
+                )
             elif isinstance(event, CollapseWarning):
                 progress.console.print(
                     f"[yellow]warning:[/yellow] step {event.step}: {escape(event.message)}",
@@ -105,7 +110,19 @@ def pretrain(
     epochs: Annotated[
         int | None, typer.Option(help=f"Epochs; schedules span them{_default('epochs')}.")
     ] = None,
-    max_steps: Annotated[int | None, typer.Option(help="Stop after this many steps.")] = None,
+    max_steps: Annotated[
+        int | None,
+        typer.Option(help="Stop after this many steps (the schedules keep their length: see "
+                     "--steps)."),
+    ] = None,
+    steps: Annotated[
+        int | None,
+        typer.Option(
+            help="Schedule length in steps: warm-ups, cosines and the last-layer freeze laid "
+            "proportionally over S steps, and the run trains S steps.",
+            show_default="epochs x steps per epoch",
+        ),
+    ] = None,
     batch_size: Annotated[
         int | None, typer.Option(help=f"Images per step per process{_default('batch_size')}.")
     ] = None,
@@ -185,6 +202,14 @@ def pretrain(
             help="torch.use_deterministic_algorithms (bitwise-repeatable GPU runs, slower).",
         ),
     ] = None,
+    precision: Annotated[
+        str | None,
+        typer.Option(
+            help="Autocast: bf16, fp32 or auto (bf16 on CUDA and on CPUs with AMX / AVX-512 "
+            "BF16, fp32 otherwise; kept on resume).",
+            show_default=_DEFAULTS.precision,
+        ),
+    ] = None,
     tensorboard: Annotated[
         bool | None,
         typer.Option("--tensorboard/--no-tensorboard", help="Event files in RUN_DIR/tensorboard."),
@@ -205,6 +230,7 @@ def pretrain(
             objective=objective,
             epochs=epochs,
             max_steps=max_steps,
+            steps=steps,
             batch_size=batch_size,
             lr=lr,
             seed=seed,
@@ -224,6 +250,7 @@ def pretrain(
             grad_checkpointing=grad_checkpointing,
             compile=compile,
             deterministic=deterministic,
+            precision=precision,
             tensorboard=tensorboard,
         ).items()
         if value is not None

@@ -18,6 +18,7 @@ from safetensors.torch import save
 from odis_core.atomic import atomic_write
 from odis_core.embed.inference import load_teacher_backbone
 from odis_core.train.checkpoint import load_strict
+from odis_core.train.config import ARCH_OVERRIDES
 
 
 def timm_kwargs_of(backbone: torch.nn.Module, config: Any) -> dict[str, Any]:
@@ -28,8 +29,9 @@ def timm_kwargs_of(backbone: torch.nn.Module, config: Any) -> dict[str, Any]:
         "patch_size": backbone.patch_size,
         "dynamic_img_size": True,
     }
-    if config.depth is not None:
-        kwargs["depth"] = config.depth
+    for name in ARCH_OVERRIDES:  # set only where the run overrode the architecture's own
+        if getattr(config, name, None) is not None:
+            kwargs[name] = getattr(config, name)
     return kwargs
 
 

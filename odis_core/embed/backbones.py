@@ -33,6 +33,7 @@ from odis_core.train.checkpoint import (
     resolve_checkpoint_path,
     timm_backbone_state,
 )
+from odis_core.train.config import ARCH_OVERRIDES
 
 # Where training scripts put the weights inside a checkpoint dict, most specific first
 # (DINO/iBOT: "teacher"/"student"; timm, DeiT: "state_dict"/"model"; DDP saves: "module").
@@ -154,10 +155,10 @@ def load_backbone(checkpoint: Path | str, arch: str | None = None) -> LoadedBack
         )
     patch_size, image_size = _geometry(state, path)
     kwargs = json.loads(header["timm_kwargs"]) if "timm_kwargs" in header else {}
-    depth = {"depth": kwargs["depth"]} if "depth" in kwargs else {}
+    overrides = {name: kwargs[name] for name in ARCH_OVERRIDES if name in kwargs}
     try:
         backbone = ObjViT(
-            arch, img_size=image_size, patch_size=patch_size, drop_path_rate=0.0, **depth
+            arch, img_size=image_size, patch_size=patch_size, drop_path_rate=0.0, **overrides
         )
     except ValueError as error:
         raise CheckpointError(f"{path}: {error}") from None

@@ -32,6 +32,7 @@ from odis_core.images import UnreadableImageError, list_images, load_rgb
 from odis_core.masks.store import UNKNOWN_CATEGORY, ImageRecord, MaskStore
 from odis_core.model.network import meanpool_object
 from odis_core.model.obj_vit import ObjViT
+from odis_core.precision import autocast, resolve_precision
 from odis_core.train.checkpoint import load_checkpoint, load_strict, strip_prefixes
 from odis_core.train.config import PretrainConfig
 from odis_core.train.loop import build_backbone_for, build_network
@@ -211,6 +212,7 @@ def embed(
     workers: int = 0,
     progress: Callable[[int, int], None] | None = None,
     decode_on: str = "auto",
+    precision: str = "auto",
 ) -> EmbedResult:
     """Features for every object (level "object") or image (level "image").
 
@@ -220,7 +222,7 @@ def embed(
     """
     records = list_records(images_root, store, level, mode)
     return embed_records(backbone, images_root, records, store, level, mode, image_size,
-                         batch_size, device, workers, progress, decode_on)
+                         batch_size, device, workers, progress, decode_on, precision)
 
 
 def list_records(
@@ -253,8 +255,12 @@ def embed_records(
     workers: int = 0,
     progress: Callable[[int, int], None] | None = None,
     decode_on: str = "auto",
+    precision: str = "auto",
 ) -> EmbedResult:
     """Features of the objects (or images) of `records`, in their order (see `embed`).
+
+    precision: autocast "bf16", "fp32" or "auto" (bf16 on CUDA and on CPUs with bf16
+    matrix units, see `odis_core.precision`); features are returned in float32.
 
     decode_on: "loader" (PIL in the loader), "device" (whole-image inputs of plain JPEGs
     decoded and resized on `device`, see `device_decode.py`), "auto" (device on CUDA).
@@ -266,7 +272,7 @@ def embed_records(
     )
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=_collate)
     backbone = backbone.to(device).eval()
-    use_bf16 = device.startswith("cuda")
+    precision = resolve_precision(precision, device)
     features, labels, meta, skipped = [], [], [], []
     done = 0
     for batch in loader:
@@ -280,7 +286,7 @@ def embed_records(
         if batch["masks"] is not None:
             inputs = images[batch["owner"].to(device, non_blocking=True)]
             masks = batch["masks"].to(device, non_blocking=True)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
+            with autocast(device, precision):
                 if mode == "meanpool" and level == "object":
                     tokens = backbone(inputs)
                     feature = meanpool_object(tokens[:, 1:], masks)

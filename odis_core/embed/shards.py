@@ -186,6 +186,7 @@ def embed_to_directory(
     rank: int = 0,
     world_size: int = 1,
     barrier: Callable[[], None] | None = None,
+    precision: str = "auto",
 ) -> Iterator[ShardDone | EmbedFinished]:
     """Embed `records` into the feature directory `out_dir`, resuming complete shards.
 
@@ -228,6 +229,7 @@ def embed_to_directory(
             device,
             workers,
             decode_on=settings.decode,
+            precision=precision,
         )
         if result.features.shape[0] == 0:
             result.features = np.zeros((0, backbone.embed_dim), np.float32)

@@ -9,12 +9,19 @@ all-true mask the model computes exactly what timm computes (tested).
 
 iBOT's masked-image modelling needs one addition: a learnable mask token that replaces the
 embedding of masked patches before the position embedding is added (student only).
+
+Inputs of another grid than the stored position embedding (local crops) get it resampled
+the way DINO/iBOT do ("ibot": bicubic by the scale factor (grid + 0.1) / stored grid, which
+samples the stored grid at other points than a resize to the target size; timm's own
+`resample_abs_pos_embed` differs from it by up to 0.029 on a 4 x 4 -> 2 x 2 grid) or as
+timm does ("timm", what the exported backbone does inside timm).
 """
 
 from __future__ import annotations
 
 import timm
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -35,6 +42,7 @@ ARCHITECTURES = {
     "vit_base": "vit_base_patch16_224",
     "vit_large": "vit_large_patch16_224",
 }
+POS_EMBED_RESAMPLE = ("ibot", "timm")
 
 
 def resolve_arch(arch: str) -> str:
@@ -61,9 +69,16 @@ class ObjViT(nn.Module):
         drop_path_rate: float = 0.1,
         attention_impl: str = "auto",
         grad_checkpointing: bool = False,
+        pos_embed_resample: str = "timm",
         **timm_kwargs,
     ) -> None:
         super().__init__()
+        if pos_embed_resample not in POS_EMBED_RESAMPLE:
+            raise ValueError(
+                f"pos_embed_resample must be one of {POS_EMBED_RESAMPLE}, "
+                f"got {pos_embed_resample!r}"
+            )
+        self.pos_embed_resample = pos_embed_resample
         if attention_impl not in ATTENTION_IMPLS:
             raise ValueError(
                 f"attention_impl must be one of {ATTENTION_IMPLS}, got {attention_impl!r}"
@@ -117,7 +132,7 @@ class ObjViT(nn.Module):
         if mim_mask is not None:
             mim_grid = mim_mask.view(tokens.shape[:3]).unsqueeze(-1)
             tokens = torch.where(mim_grid, self.mask_token.to(tokens.dtype), tokens)
-        tokens = self.vit._pos_embed(tokens)
+        tokens = self._pos_embed(tokens)
         tokens = self.vit.patch_drop(tokens)
         tokens = self.vit.norm_pre(tokens)
         if obj_patch_mask is None or (
@@ -128,6 +143,18 @@ class ObjViT(nn.Module):
             # No mask: timm's blocks as they are (fused / flash attention).
             return self.vit.norm(self._run_blocks(tokens, None))
         return self.vit.norm(self._run_blocks(tokens, obj_patch_mask))
+
+    def _pos_embed(self, grid_tokens: torch.Tensor) -> torch.Tensor:
+        """(B, gh, gw, D) patch embeddings -> (B, 1 + N, D): [OBJ] prepended, positions added."""
+        stored_grid = tuple(self.vit.patch_embed.grid_size)
+        if self.pos_embed_resample == "timm" or tuple(grid_tokens.shape[1:3]) == stored_grid:
+            return self.vit._pos_embed(grid_tokens)
+        batch, _, _, dim = grid_tokens.shape
+        target_grid = tuple(grid_tokens.shape[1:3])
+        positions = ibot_resampled_pos_embed(self.vit.pos_embed, stored_grid, target_grid)
+        obj = self.vit.cls_token.expand(batch, -1, -1)
+        tokens = torch.cat([obj, grid_tokens.reshape(batch, -1, dim)], dim=1)
+        return self.vit.pos_drop(tokens + positions.to(tokens.dtype))
 
     def _impl_for(self, tokens: torch.Tensor) -> str:
         if self.attention_impl == "auto":
@@ -150,6 +177,24 @@ class ObjViT(nn.Module):
             else:
                 tokens = forward(block, tokens, mask)
         return tokens
+
+
+def ibot_resampled_pos_embed(
+    pos_embed: torch.Tensor, stored_grid: tuple[int, int], target_grid: tuple[int, int]
+) -> torch.Tensor:
+    """(1, 1 + gh*gw, D) position embedding for a `target_grid` input, as DINO/iBOT's
+    `interpolate_pos_encoding`: the [OBJ] row as it is; the grid resampled bicubically
+    (align_corners false, no antialias) by the scale factor (target + 0.1) / stored. The
+    0.1 guards the floor of the output size against rounding, and because a factor (not a
+    size) is given, PyTorch samples the source at (i + 0.5) / factor - 0.5."""
+    dim = pos_embed.shape[-1]
+    grid = pos_embed[:, 1:].reshape(1, *stored_grid, dim).permute(0, 3, 1, 2)
+    factors = tuple((t + 0.1) / s for t, s in zip(target_grid, stored_grid, strict=True))
+    resampled = F.interpolate(grid.float(), scale_factor=factors, mode="bicubic")
+    if tuple(resampled.shape[-2:]) != tuple(target_grid):
+        raise ValueError(f"position grid {stored_grid} resampled to {resampled.shape[-2:]}")
+    patch_rows = resampled.to(pos_embed.dtype).permute(0, 2, 3, 1).reshape(1, -1, dim)
+    return torch.cat([pos_embed[:, :1], patch_rows], dim=1)
 
 
 def _plain_block(block: nn.Module, tokens: torch.Tensor, _mask: None) -> torch.Tensor:

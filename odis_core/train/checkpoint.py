@@ -73,6 +73,37 @@ def timm_backbone_state(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.
     return result
 
 
+# The old `torch.nn.utils.weight_norm` names of iBOT/DINO heads -> the parametrization's.
+_WEIGHT_NORM_NAMES = {"weight_g": "parametrizations.weight.original0",
+                      "weight_v": "parametrizations.weight.original1"}
+
+
+def network_state_from_official(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An odis DistillationNetwork state dict from an official iBOT/DINO student or teacher
+    (MultiCropWrapper keys `backbone.*` and `head.*`, optionally under DDP's `module.`).
+
+    backbone.X -> backbone.vit.X (timm names); backbone.masked_embed (1, D) -> the mask token
+    (1, 1, 1, D); the head's old weight_norm `weight_g`/`weight_v` -> the parametrization's
+    `original0`/`original1`; iBOT's shared-head duplicates `head.last_layer2.*` are dropped
+    (with a shared head it is the same module as `head.last_layer`)."""
+    result = {}
+    for key, value in state_dict.items():
+        while key.startswith("module."):
+            key = key[len("module."):]
+        if key.startswith("head.last_layer2."):
+            continue
+        if key == "backbone.masked_embed":
+            result["backbone.mask_token"] = value.reshape(1, 1, 1, -1)
+            continue
+        if key.startswith("backbone."):
+            key = "backbone.vit." + key[len("backbone."):]
+        prefix, _, leaf = key.rpartition(".")
+        if prefix.startswith("head.last_layer") and leaf in _WEIGHT_NORM_NAMES:
+            key = f"{prefix}.{_WEIGHT_NORM_NAMES[leaf]}"
+        result[key] = value
+    return result
+
+
 def load_strict(module: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
     """load_state_dict that fails loudly, listing missing and unexpected keys (a silent
     partial load evaluates random weights: spec §11)."""

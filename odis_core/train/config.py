@@ -15,8 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from odis_core.precision import PRECISIONS
+
 OBJECTIVES = ("odis", "image")
 AUGMENT_ON = ("auto", "loader", "device")
+# Architecture fields a run may override (None: the timm architecture's own value).
+ARCH_OVERRIDES = ("depth", "embed_dim", "num_heads")
 
 
 @dataclass
@@ -25,6 +29,11 @@ class PretrainConfig:
     arch: str = "vit_small"
     patch_size: int = 16
     depth: int | None = None  # None: the architecture's own depth (12 for ViT-S/B)
+    embed_dim: int | None = None  # None: the architecture's own width (tiny test models)
+    num_heads: int | None = None  # None: the architecture's own number of heads
+    # Position embedding of local crops: "ibot" (DINO/iBOT's scale-factor resampling, the
+    # official behaviour) or "timm" (timm's resample_abs_pos_embed, odis before issue 14).
+    pos_embed_resample: str = "ibot"
     drop_path: float = 0.1
     out_dim: int = 8192  # shared head: the patch head has the same out_dim
     head_hidden_dim: int = 2048
@@ -84,7 +93,14 @@ class PretrainConfig:
     seed: int = 0
     device: str = "auto"  # "auto", "cpu", "cuda"
     workers: int = 4
-    max_steps: int | None = None  # stop early; schedules still follow `epochs`
+    max_steps: int | None = None  # stop early; schedules still follow `epochs` (or `steps`)
+    # Schedule length in steps: the recipe's epoch-based schedules (LR and teacher-temperature
+    # warm-ups, cosines, last-layer freeze) are laid proportionally over this many steps, and
+    # the run trains this many steps. None: iBOT's own, `epochs` x steps per epoch.
+    steps: int | None = None
+    # Autocast: "bf16", "fp32", or "auto" (bf16 on CUDA, and on CPUs with bf16 matrix units
+    # (AMX / AVX-512 BF16); fp32 otherwise). Resolved once and kept in the run's config.
+    precision: str = "auto"
     save_every: int | None = None  # steps between checkpoints (also saved at each epoch end)
 
     # Speed and scale (issue 5): none of these changes what is computed
@@ -115,6 +131,12 @@ class PretrainConfig:
                 raise ValueError(f"{name} must be >= 1")
         if config.attention_impl not in ("auto", "split", "dense"):
             raise ValueError(f"attention_impl: auto, split or dense, not {config.attention_impl!r}")
+        if config.steps is not None and config.steps < 1:
+            raise ValueError(f"steps must be >= 1, not {config.steps}")
+        if config.precision not in PRECISIONS:
+            raise ValueError(f"precision: one of {PRECISIONS}, not {config.precision!r}")
+        if config.pos_embed_resample not in ("ibot", "timm"):
+            raise ValueError(f"pos_embed_resample: ibot or timm, not {config.pos_embed_resample!r}")
         if config.augment_on not in AUGMENT_ON:
             raise ValueError(f"augment_on: one of {AUGMENT_ON}, not {config.augment_on!r}")
         if config.n_global_crops != 2:

@@ -36,6 +36,7 @@ from odis_core.masks.store import MaskStore
 from odis_core.model.heads import IBOTHead
 from odis_core.model.network import DistillationNetwork, MultiCropStudent
 from odis_core.model.obj_vit import ObjViT
+from odis_core.precision import autocast, resolve_precision
 from odis_core.train import distributed
 from odis_core.train.checkpoint import (
     CHECKPOINT_NAME,
@@ -44,10 +45,10 @@ from odis_core.train.checkpoint import (
     load_strict,
     save_checkpoint,
 )
-from odis_core.train.config import PretrainConfig
+from odis_core.train.config import ARCH_OVERRIDES, PretrainConfig
 from odis_core.train.ema import make_teacher, update_teacher
 from odis_core.train.metrics import CollapseWatch, RunLog
-from odis_core.train.schedules import cosine_schedule
+from odis_core.train.schedules import cosine_schedule_steps
 
 # How to run, not what to compute: taken from the command line even when resuming.
 RUN_CONTROL_FIELDS = (
@@ -96,6 +97,15 @@ class CollapseWarning:
     step: int
     entropy: float
     max_entropy: float  # ln(out_dim)
+    message: str
+
+
+@dataclass
+class ScheduleWarning:
+    """--max-steps stops the run inside a warm-up phase: LR warm-up, teacher-temperature
+    warm-up or the last layer's freeze (the schedules follow `epochs`, or `steps`)."""
+
+    step: int
     message: str
 
 
@@ -160,7 +170,11 @@ class EpochSampler(Sampler[int]):
 def build_backbone_for(
     config: PretrainConfig, drop_path_rate: float, grad_checkpointing: bool = False
 ) -> ObjViT:
-    depth = {} if config.depth is None else {"depth": config.depth}
+    overrides = {
+        name: getattr(config, name)
+        for name in ARCH_OVERRIDES
+        if getattr(config, name) is not None
+    }
     return ObjViT(
         config.arch,
         img_size=config.global_size,
@@ -168,7 +182,8 @@ def build_backbone_for(
         drop_path_rate=drop_path_rate,
         attention_impl=config.attention_impl,
         grad_checkpointing=grad_checkpointing,
-        **depth,
+        pos_embed_resample=config.pos_embed_resample,
+        **overrides,
     )
 
 
@@ -253,7 +268,10 @@ class Trainer:
         self.config = config
         self.device = device
         self.iters_per_epoch = iters_per_epoch
-        self.total_steps = config.epochs * iters_per_epoch
+        # The schedules' length: iBOT's epochs x steps per epoch, or `steps` (the recipe's
+        # epoch-based schedules laid proportionally over that many steps).
+        self.total_steps = config.steps or config.epochs * iters_per_epoch
+        self.precision = resolve_precision(config.precision, device)
         torch.manual_seed(config.seed)  # the same initial weights on every rank
         self.student = build_network(config, student=True).to(device)
         self.teacher = make_teacher(self.student).to(device)
@@ -286,20 +304,72 @@ class Trainer:
         ).to(device)
         self.optimizer = torch.optim.AdamW(param_groups(self.student))
         total_batch = config.batch_size * distributed.world_size()
-        self.lr_schedule = cosine_schedule(
+        self.lr_schedule = cosine_schedule_steps(
             config.lr * total_batch / 256.0,
             config.min_lr,
-            config.epochs,
-            iters_per_epoch,
-            warmup_epochs=config.warmup_epochs,
+            self.total_steps,
+            self.epoch_steps(config.warmup_epochs),
         )
-        self.wd_schedule = cosine_schedule(
-            config.weight_decay, config.weight_decay_end, config.epochs, iters_per_epoch
+        self.wd_schedule = cosine_schedule_steps(
+            config.weight_decay, config.weight_decay_end, self.total_steps
         )
-        self.momentum_schedule = cosine_schedule(
-            config.momentum_teacher, 1.0, config.epochs, iters_per_epoch
+        self.momentum_schedule = cosine_schedule_steps(
+            config.momentum_teacher, 1.0, self.total_steps
         )
         self.step = 0
+
+    def schedule_epoch(self, step: int) -> int:
+        """The recipe epoch of `step`: what the teacher temperature and the last-layer freeze
+        follow (the data epoch, unless `steps` lays the schedules over another length)."""
+        if self.config.steps is None:
+            return step // self.iters_per_epoch
+        return step * self.config.epochs // self.config.steps
+
+    def epoch_steps(self, epochs: int) -> int:
+        """The first step of recipe epoch `epochs` (the steps that `epochs` epochs span)."""
+        if self.config.steps is None:
+            return epochs * self.iters_per_epoch
+        return -(-epochs * self.config.steps // self.config.epochs)  # ceil: schedule_epoch's
+
+    def warmup_phases(self) -> dict[str, int]:
+        """Per warm-up phase, the steps a run must take to leave it (0: no such phase): the
+        LR's last warm-up value is its peak; the teacher's final temperatures start at the
+        last epoch of iBOT's linspace warm-up (the epoch after it for a 1-epoch warm-up);
+        the last layer first trains at the first step after the freeze."""
+        config = self.config
+        warming_temp = (config.warmup_teacher_temp, config.warmup_teacher_patch_temp) != (
+            config.teacher_temp,
+            config.teacher_patch_temp,
+        )
+        temp_epochs = config.warmup_teacher_temp_epochs
+        first_final_epoch = temp_epochs - 1 if temp_epochs >= 2 else temp_epochs
+        return {
+            "LR warm-up": self.epoch_steps(config.warmup_epochs),
+            "teacher-temperature warm-up": (
+                self.epoch_steps(first_final_epoch) + 1 if warming_temp and temp_epochs else 0
+            ),
+            "last-layer freeze": (
+                self.epoch_steps(config.freeze_last_layer) + 1 if config.freeze_last_layer else 0
+            ),
+        }
+
+    def schedule_warning(self, stop: int) -> str | None:
+        """The warning for a run stopped by --max-steps after `stop` steps inside a warm-up
+        phase of schedules laid over more steps; None when it is not."""
+        if stop >= self.total_steps:
+            return None
+        inside = [
+            f"{name} (its first {end} steps)"
+            for name, end in self.warmup_phases().items()
+            if stop < end
+        ]
+        if not inside:
+            return None
+        return (
+            f"--max-steps {stop} stops the run inside its " + ", ".join(inside)
+            + f" of schedules laid over {self.total_steps} steps; "
+            f"--steps {stop} lays the schedules over the steps that run"
+        )
 
     def state(self) -> dict[str, Any]:
         """Everything to resume exactly; collective under DDP (every rank must call it)."""
@@ -360,7 +430,7 @@ class Trainer:
 
     def train_step(self, batch: CropBatch) -> dict[str, float]:
         config, step = self.config, self.step
-        epoch = step // self.iters_per_epoch
+        epoch = self.schedule_epoch(step)
         # Plain floats: numpy scalars in param_groups would end up in the checkpoint, which
         # torch.load(weights_only=True) refuses to unpickle.
         for index, group in enumerate(self.optimizer.param_groups):
@@ -370,8 +440,7 @@ class Trainer:
         batch = batch.to(self.device, non_blocking=True)
         with torch.no_grad():
             batch = batch.rendered(config.global_size, config.local_size)
-        use_bf16 = self.device.startswith("cuda")
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
+        with autocast(self.device, self.precision):
             with torch.no_grad():
                 teacher_obj, teacher_patch = self.teacher_step(
                     batch.global_crops, batch.global_patch_masks
@@ -453,7 +522,9 @@ def pretrain(
     store: MaskStore,
     out_dir: Path | str,
     resume: bool = False,
-) -> Iterator[RunStarted | StepDone | CollapseWarning | CheckpointSaved | RunFinished]:
+) -> Iterator[
+    RunStarted | ScheduleWarning | StepDone | CollapseWarning | CheckpointSaved | RunFinished
+]:
     """Run (or resume) pretraining, yielding events; writes into `out_dir` (rank 0 only):
     config.json (resolved), checkpoint.pt (latest, atomic), metrics.jsonl, tensorboard/,
     report.json. Under torchrun it joins the process group and trains with DDP."""
@@ -475,6 +546,8 @@ def pretrain(
         # Resolved once and saved with the run: a resume renders views the same way.
         on_gpu = device.startswith("cuda")
         config = dataclasses.replace(config, augment_on="device" if on_gpu else "loader")
+    # Resolved once and saved with the run (config.json, checkpoint): a resume keeps it.
+    config = dataclasses.replace(config, precision=resolve_precision(config.precision, device))
     try:
         yield from _run(config, images_root, store, out_dir, state, device)
     finally:
@@ -489,7 +562,9 @@ def _run(
     out_dir: Path,
     state: dict[str, Any] | None,
     device: str,
-) -> Iterator[RunStarted | StepDone | CollapseWarning | CheckpointSaved | RunFinished]:
+) -> Iterator[
+    RunStarted | ScheduleWarning | StepDone | CollapseWarning | CheckpointSaved | RunFinished
+]:
     set_determinism(config.deterministic)
     checkpoint_path = out_dir / CHECKPOINT_NAME
     main, world = distributed.is_main_process(), distributed.world_size()
@@ -515,6 +590,9 @@ def _run(
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
     yield RunStarted(config, total_steps, trainer.step, iters_per_epoch, len(dataset), device)
+    schedule_warning = trainer.schedule_warning(total_steps)
+    if schedule_warning is not None:
+        yield ScheduleWarning(trainer.step, schedule_warning)
 
     sampler = EpochSampler(len(dataset), config.seed, config.batch_size, distributed.rank(), world)
     collapse = CollapseWatch(
@@ -576,6 +654,9 @@ def _run(
                 warn = collapse.update(metrics["teacher_entropy"])
                 if warn:
                     record["warning"] = "collapse"
+                elif schedule_warning is not None:  # on this invocation's first record
+                    record["warning"], record["warning_message"] = "schedule", schedule_warning
+                    schedule_warning = None
                 if log is not None:
                     log.write(record)
                 yield StepDone(trainer.step, total_steps, epoch, metrics)

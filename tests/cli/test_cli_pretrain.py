@@ -158,13 +158,14 @@ def test_collapse_warning_is_shown_and_recorded(store, tmp_path):
         )
     )
     run = tmp_path / "run"
-    result = _run(pretrain_args(store, run, config, max_steps=4))
+    # --steps 4: schedules over the 4 steps that run, so no warm-up warning joins in.
+    result = _run(pretrain_args(store, run, config, max_steps=4, steps=4))
     assert "warning:" in result.output and "collapse" in result.output
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r.get("warning") for r in records] == [None, "collapse", None, "collapse"]
 
     normal = tmp_path / "normal"
-    result = _run(pretrain_args(store, normal, tmp_path / "tiny.json", max_steps=4))
+    result = _run(pretrain_args(store, normal, tmp_path / "tiny.json", max_steps=4, steps=4))
     assert "warning:" not in result.output
     assert "warning" not in (normal / "metrics.jsonl").read_text()
 
