@@ -126,6 +126,10 @@ class PretrainConfig:
             raise ValueError(f"augment_on: one of {AUGMENT_ON}, not {config.augment_on!r}")
         if config.n_global_crops != 2:
             raise ValueError("iBOT's objective needs exactly 2 global crops")
+        if config.eval_masks is not None:
+            config.eval_masks = str(config.eval_masks)  # a Path from Python: JSON-able
+        if config.eval_images is not None:
+            config.eval_images = str(config.eval_images)
         if config.eval_masks is None and config.eval_every is not None:
             raise ValueError("eval_every needs eval_masks (the evaluation mask store)")
         if config.eval_every is not None and config.eval_every < 1:

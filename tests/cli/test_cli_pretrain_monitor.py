@@ -148,3 +148,14 @@ def test_eval_every_without_store_is_one_line_error(stores, tmp_path):
     result = runner.invoke(app, args)
     assert result.exit_code != 0
     assert "eval_every needs eval_masks" in result.output and "Traceback" not in result.output
+
+
+def test_missing_eval_store_is_one_line_error_before_training(stores, tmp_path):
+    run = tmp_path / "run"
+    args = pretrain_args(stores["train"], run, stores["root"] / "tiny.json", max_steps=1,
+                         eval_masks=tmp_path / "nowhere")
+    result = runner.invoke(app, args)
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "nowhere" in errors[0], result.output
+    assert not (run / "checkpoint.pt").exists()
