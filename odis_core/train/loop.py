@@ -556,9 +556,10 @@ def _run(
         if monitor is not None
         else set()
     )
+    eval_times: list[float] = []  # this invocation's evaluations (their cost)
     try:
         if monitor is not None and trainer.step not in evaluated_steps:
-            yield _evaluate(monitor, trainer, log, evaluated_steps)
+            yield _evaluate(monitor, trainer, log, evaluated_steps, eval_times)
         while trainer.step < total_steps:
             epoch, offset = divmod(trainer.step, iters_per_epoch)
             dataset.set_epoch(epoch)
@@ -625,7 +626,7 @@ def _run(
                     trainer.step == total_steps
                     or (config.eval_every and trainer.step % config.eval_every == 0)
                 ):
-                    yield _evaluate(monitor, trainer, log, evaluated_steps)
+                    yield _evaluate(monitor, trainer, log, evaluated_steps, eval_times)
                 end_of_epoch = trainer.step % iters_per_epoch == 0
                 periodic = config.save_every and trainer.step % config.save_every == 0
                 if end_of_epoch or periodic or trainer.step == total_steps:
@@ -638,8 +639,8 @@ def _run(
                 if trainer.step >= total_steps:
                     break
                 waited_from = time.perf_counter()
-        if monitor is not None and trainer.step not in evaluated_steps:
-            yield _evaluate(monitor, trainer, log, evaluated_steps)  # a run ended by skips
+        if monitor is not None and trainer.step not in evaluated_steps:  # a run ended by skips
+            yield _evaluate(monitor, trainer, log, evaluated_steps, eval_times)
     finally:
         if log is not None:
             log.close()
@@ -664,6 +665,7 @@ def _run(
             "n_query": len(monitor.queries.labels),
             "preload_seconds": round(monitor.preload_seconds, 2),
             "seconds_per_evaluation": round(sum(seconds) / len(seconds), 3) if seconds else None,
+            "share_of_run": round(sum(eval_times) / elapsed, 4) if elapsed > 0 else None,
         }
         plot_curve(out_dir / METRICS_NAME, out_dir / CURVE_NAME,
                    title=f"{config.arch}, {config.objective} objective")
@@ -688,9 +690,12 @@ def _make_monitor(config: PretrainConfig, out_dir: Path) -> Any:
     return monitor
 
 
-def _evaluate(monitor: Any, trainer: Trainer, log: RunLog | None, done: set[int]) -> Evaluated:
+def _evaluate(
+    monitor: Any, trainer: Trainer, log: RunLog | None, done: set[int], times: list[float]
+) -> Evaluated:
     """Evaluate the teacher's backbone now; record the row in metrics.jsonl/TensorBoard."""
     values = monitor.evaluate(trainer.teacher.backbone)
+    times.append(values["eval_seconds"])
     if log is not None:
         log.write({"step": trainer.step, **values})
         log.flush()
