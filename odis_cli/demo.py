@@ -29,7 +29,7 @@ def demo(
 
     Generates scenes, imports their masks, pretrains, embeds both networks and prints
     the k-NN table; every artifact and demo.json stay in --workdir."""
-    from odis_core.demo import DemoSettings, demo_summary
+    from odis_core.demo import DemoSettings, demo_summary, eval_every
     from odis_core.embed.features import write_features
     from odis_core.embed.inference import build_backbone, embed, load_teacher_backbone
     from odis_core.evaluate.knn import weighted_knn
@@ -60,7 +60,14 @@ def demo(
                     images_root=scenes.images_dir, progress=progress,
                 )
         run_dir = workdir / "run"
-        run_training(pretrain(config, splits["train"].images_dir, stores["train"], run_dir))
+        # The online k-NN curve, on the test store's own bank/query split (by image).
+        config = dataclasses.replace(
+            config, eval_masks=str(workdir / "masks" / "test"), eval_every=eval_every(settings),
+            eval_max_objects=settings.eval_max_objects,
+        )
+        run_report = run_training(
+            pretrain(config, splits["train"].images_dir, stores["train"], run_dir)
+        )
 
         trained, run_config = load_teacher_backbone(run_dir)
         networks = {"pretrained": trained, "untrained": build_backbone(run_config)}
@@ -88,6 +95,8 @@ def demo(
         summary = demo_summary(
             reports["pretrained"], reports["untrained"], features["test"].labels,
             extra={"wall_seconds": round(time.perf_counter() - started, 1),
+                   "curve": run_report.get("curve", []),
+                   "seconds_per_evaluation": run_report["eval"]["seconds_per_evaluation"],
                    "settings": {"n_train": settings.n_train, "n_test": settings.n_test,
                                 "epochs": config.epochs, "arch": config.arch,
                                 "depth": config.depth, "patch_size": config.patch_size}},
@@ -100,4 +109,13 @@ def demo(
     console.print(
         f"chance: top-1 {summary['chance']['top1']:.1f}, top-5 {summary['chance']['top5']:.1f}"
         f"; wall time {summary['wall_seconds']} s; artifacts in {workdir}", highlight=False,
+    )
+    curve = summary["curve"]
+    console.print(
+        f"online k-NN top-1 (test store split by image, {run_report['eval']['n_bank']} bank / "
+        f"{run_report['eval']['n_query']} query objects): "
+        + " -> ".join(f"{top1:.1f}" for _, top1, _, _ in curve)
+        + f" at steps {', '.join(str(step) for step, *_ in curve)}; "
+        f"{summary['seconds_per_evaluation']} s per evaluation; curve: {run_dir / 'curve.png'}",
+        highlight=False,
     )

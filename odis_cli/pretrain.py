@@ -23,6 +23,7 @@ def run_training(events, description: str = "pretraining") -> dict:
     from odis_core.train.loop import (
         CheckpointSaved,
         CollapseWarning,
+        Evaluated,
         RunFinished,
         RunStarted,
         ScheduleWarning,
@@ -30,6 +31,7 @@ def run_training(events, description: str = "pretraining") -> dict:
     )
 
     report: dict = {}
+    last_knn = ""  # the latest k-NN evaluation, kept on the progress line
     display = (
         make_progress(TextColumn("{task.fields[status]}"))
         if _is_main_rank()
@@ -57,7 +59,7 @@ def run_training(events, description: str = "pretraining") -> dict:
                 status = (
                     f"loss {m['loss']:.3f} (obj {m['loss_obj']:.3f} mim {m['loss_mim']:.3f})"
                     f"  lr {m['lr']:.2e}  {m['images_per_second']:.1f} img/s"
-                    f"  data wait {100 * m['data_wait_share']:.0f}%"
+                    f"  data wait {100 * m['data_wait_share']:.0f}%{last_knn}"
                 )
                 progress.update(task, completed=event.step, status=status)
             elif isinstance(event, ScheduleWarning):
@@ -67,6 +69,14 @@ def run_training(events, description: str = "pretraining") -> dict:
             elif isinstance(event, CollapseWarning):
                 progress.console.print(
                     f"[yellow]warning:[/yellow] step {event.step}: {escape(event.message)}",
+                    highlight=False,
+                )
+            elif isinstance(event, Evaluated):
+                last_knn = f"  k-NN {event.knn_top1:.1f}%"
+                progress.console.print(
+                    f"step {event.step}: k-NN top-1 {event.knn_top1:.1f}%, top-5 "
+                    f"{event.knn_top5:.1f}%, effective rank {event.effective_rank:.1f} "
+                    f"({event.seconds:.1f} s)",
                     highlight=False,
                 )
             elif isinstance(event, CheckpointSaved):
@@ -214,6 +224,30 @@ def pretrain(
         bool | None,
         typer.Option("--tensorboard/--no-tensorboard", help="Event files in RUN_DIR/tensorboard."),
     ] = None,
+    eval_masks: Annotated[
+        Path | None,
+        typer.Option(help="Online k-NN monitor: mask store of held-out labelled objects, split "
+                     "by image into bank and queries; the teacher is evaluated at the first "
+                     "step, every --eval-every steps and the last."),
+    ] = None,
+    eval_images: Annotated[
+        Path | None,
+        typer.Option(help="Image folder of --eval-masks.", show_default="the store's folder"),
+    ] = None,
+    eval_every: Annotated[
+        int | None,
+        typer.Option(help="Steps between k-NN evaluations.", show_default="first and last step"),
+    ] = None,
+    eval_max_objects: Annotated[
+        int | None,
+        typer.Option(help="Objects of the k-NN bank and queries together (bounds the cost).",
+                     show_default=str(_DEFAULTS.eval_max_objects)),
+    ] = None,
+    eval_k: Annotated[
+        int | None,
+        typer.Option(help="Neighbours of the monitor's k-NN vote.",
+                     show_default=str(_DEFAULTS.eval_k)),
+    ] = None,
     resume: Annotated[
         bool, typer.Option(help="Continue RUN_DIR from its last checkpoint.")
     ] = False,
@@ -252,6 +286,11 @@ def pretrain(
             deterministic=deterministic,
             precision=precision,
             tensorboard=tensorboard,
+            eval_masks=str(eval_masks) if eval_masks is not None else None,
+            eval_images=str(eval_images) if eval_images is not None else None,
+            eval_every=eval_every,
+            eval_max_objects=eval_max_objects,
+            eval_k=eval_k,
         ).items()
         if value is not None
     }
@@ -273,3 +312,10 @@ def pretrain(
         f"run directory {out}",
         highlight=False,
     )
+    if report.get("curve"):
+        first, last = report["curve"][0], report["curve"][-1]
+        console.print(
+            f"k-NN top-1 {first[1]:.1f}% (step {first[0]}) -> {last[1]:.1f}% (step {last[0]}), "
+            f"{report['eval']['seconds_per_evaluation']} s per evaluation; {out / 'curve.png'}",
+            highlight=False,
+        )

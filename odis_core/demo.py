@@ -8,6 +8,7 @@ honest evidence that the pipeline learns.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +23,10 @@ class DemoSettings:
     n_test: int = 300
     image_size: int = 64
     seed: int = 0
+    # The online k-NN monitor on the test store (split by image into its own bank and
+    # queries): evaluated at step 0 and `evaluations` times more, on at most this many objects.
+    evaluations: int = 6
+    eval_max_objects: int = 400
     pretrain: PretrainConfig = field(
         default_factory=lambda: PretrainConfig(
             arch="vit_tiny",
@@ -56,6 +61,12 @@ class DemoSettings:
         self.pretrain.epochs = epochs
         self.pretrain.batch_size = min(self.pretrain.batch_size, n_train)
         return self
+
+
+def eval_every(settings: DemoSettings) -> int:
+    """Steps between the monitor's evaluations: `evaluations` of them over the whole run."""
+    steps = settings.pretrain.epochs * (settings.n_train // settings.pretrain.batch_size)
+    return max(1, math.ceil(steps / settings.evaluations))
 
 
 def chance_level(labels: np.ndarray) -> dict[str, float]:

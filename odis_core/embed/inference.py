@@ -15,7 +15,7 @@ training (a patch is in when the object covers at least half of it, always at le
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -200,6 +200,47 @@ def _without_images(batch: dict[str, Any], failed: list[int]) -> dict[str, Any]:
 
 
 @torch.no_grad()
+def batch_features(
+    backbone: ObjViT,
+    images: torch.Tensor,
+    owner: torch.Tensor,
+    masks: torch.Tensor,
+    level: str,
+    mode: str,
+    device: str,
+    precision: str = "fp32",
+) -> torch.Tensor:
+    """(K, D) float32 features of one collated batch: `images` (M, 3, H, W) on `device`, per
+    object the row of its image `owner` (K,) and its patch mask `masks` (K, N); `precision`
+    a resolved "bf16" or "fp32" (`odis_core.precision.resolve_precision`)."""
+    inputs = images[owner.to(device, non_blocking=True)]
+    masks = masks.to(device, non_blocking=True)
+    with autocast(device, precision):
+        if mode == "meanpool" and level == "object":
+            feature = meanpool_object(backbone(inputs)[:, 1:], masks)
+        else:
+            feature = backbone(inputs, obj_patch_mask=masks)[:, 0]
+    return feature.float()
+
+
+def object_batches(
+    images_root: Path | str,
+    records: list[ImageRecord],
+    store: MaskStore,
+    image_size: int,
+    patch_size: int,
+    batch_size: int = 64,
+) -> Iterator[dict[str, Any]]:
+    """The collated masked-mode inputs of `records`' objects (decoded and resized on the
+    host, as `embed` does), `batch_size` images at a time, in order. No DataLoader: it would
+    draw a seed from the global RNG (a training run's exact resume depends on that stream)."""
+    dataset = _ObjectInputs(Path(images_root), records, store, "object", "masked", image_size,
+                            patch_size)
+    for start in range(0, len(records), batch_size):
+        yield _collate([dataset[i] for i in range(start, min(len(records), start + batch_size))])
+
+
+@torch.no_grad()
 def embed(
     backbone: ObjViT,
     images_root: Path | str,
@@ -284,15 +325,9 @@ def embed_records(
                 batch = _without_images(batch, failed)
                 skipped += batch["skipped"][reported:]
         if batch["masks"] is not None:
-            inputs = images[batch["owner"].to(device, non_blocking=True)]
-            masks = batch["masks"].to(device, non_blocking=True)
-            with autocast(device, precision):
-                if mode == "meanpool" and level == "object":
-                    tokens = backbone(inputs)
-                    feature = meanpool_object(tokens[:, 1:], masks)
-                else:
-                    feature = backbone(inputs, obj_patch_mask=masks)[:, 0]
-            features.append(feature.float().cpu())
+            feature = batch_features(backbone, images, batch["owner"], batch["masks"], level,
+                                     mode, device, precision)
+            features.append(feature.cpu())
             for row in batch["rows"]:
                 category = row.pop("category_id")
                 labels.append(category)

@@ -112,6 +112,13 @@ class PretrainConfig:
     collapse_entropy_ratio: float = 0.98  # warn when teacher entropy >= ratio * ln(out_dim)
     collapse_patience: int = 10  # ... for this many steps in a row
 
+    # Online k-NN monitor (issue 14, train/monitor.py); run control: may change on resume
+    eval_masks: str | None = None  # evaluation mask store; None: no monitor
+    eval_images: str | None = None  # its image folder (default: the store's)
+    eval_every: int | None = None  # steps between evaluations (None: first and last only)
+    eval_max_objects: int = 1000  # objects of bank + queries (the cost of an evaluation)
+    eval_k: int = 20
+
     extra: dict[str, Any] = field(default_factory=dict)
 
     def resolved(self) -> PretrainConfig:
@@ -141,6 +148,14 @@ class PretrainConfig:
             raise ValueError(f"augment_on: one of {AUGMENT_ON}, not {config.augment_on!r}")
         if config.n_global_crops != 2:
             raise ValueError("iBOT's objective needs exactly 2 global crops")
+        if config.eval_masks is not None:
+            config.eval_masks = str(config.eval_masks)  # a Path from Python: JSON-able
+        if config.eval_images is not None:
+            config.eval_images = str(config.eval_images)
+        if config.eval_masks is None and config.eval_every is not None:
+            raise ValueError("eval_every needs eval_masks (the evaluation mask store)")
+        if config.eval_every is not None and config.eval_every < 1:
+            raise ValueError(f"eval_every must be >= 1, got {config.eval_every}")
         for size_name in ("global_size", "local_size"):
             if getattr(config, size_name) % config.patch_size:
                 raise ValueError(f"{size_name} must be a multiple of patch_size")

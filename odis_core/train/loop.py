@@ -46,8 +46,9 @@ from odis_core.train.checkpoint import (
     save_checkpoint,
 )
 from odis_core.train.config import ARCH_OVERRIDES, PretrainConfig
+from odis_core.train.curve import CURVE_NAME, curve_table, evaluation_rows, plot_curve, read_rows
 from odis_core.train.ema import make_teacher, update_teacher
-from odis_core.train.metrics import CollapseWatch, RunLog
+from odis_core.train.metrics import METRICS_NAME, CollapseWatch, RunLog
 from odis_core.train.schedules import cosine_schedule_steps
 
 # How to run, not what to compute: taken from the command line even when resuming.
@@ -61,6 +62,12 @@ RUN_CONTROL_FIELDS = (
     "compile",
     "deterministic",
     "tensorboard",
+    # The k-NN monitor watches a run without changing it (train/monitor.py).
+    "eval_masks",
+    "eval_images",
+    "eval_every",
+    "eval_max_objects",
+    "eval_k",
 )
 
 
@@ -113,6 +120,17 @@ class ScheduleWarning:
 class CheckpointSaved:
     step: int
     path: Path
+
+
+@dataclass
+class Evaluated:
+    """One evaluation of the k-NN monitor (teacher backbone, held-out objects)."""
+
+    step: int  # optimizer steps done when evaluated (0: the initial weights)
+    knn_top1: float  # percent
+    knn_top5: float
+    effective_rank: float  # participation ratio of the bank features' covariance
+    seconds: float  # forward passes + search (the images were decoded once, up front)
 
 
 @dataclass
@@ -523,7 +541,13 @@ def pretrain(
     out_dir: Path | str,
     resume: bool = False,
 ) -> Iterator[
-    RunStarted | ScheduleWarning | StepDone | CollapseWarning | CheckpointSaved | RunFinished
+    RunStarted
+    | ScheduleWarning
+    | StepDone
+    | CollapseWarning
+    | Evaluated
+    | CheckpointSaved
+    | RunFinished
 ]:
     """Run (or resume) pretraining, yielding events; writes into `out_dir` (rank 0 only):
     config.json (resolved), checkpoint.pt (latest, atomic), metrics.jsonl, tensorboard/,
@@ -563,7 +587,13 @@ def _run(
     state: dict[str, Any] | None,
     device: str,
 ) -> Iterator[
-    RunStarted | ScheduleWarning | StepDone | CollapseWarning | CheckpointSaved | RunFinished
+    RunStarted
+    | ScheduleWarning
+    | StepDone
+    | CollapseWarning
+    | Evaluated
+    | CheckpointSaved
+    | RunFinished
 ]:
     set_determinism(config.deterministic)
     checkpoint_path = out_dir / CHECKPOINT_NAME
@@ -585,6 +615,8 @@ def _run(
     last_saved_step = trainer.step if state is not None else None
     if main:
         (out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    # Only rank 0 evaluates; the others wait for it in their next gradient all-reduce.
+    monitor = _make_monitor(config, out_dir) if main and config.eval_masks else None
 
     total_steps = trainer.total_steps
     if config.max_steps is not None:
@@ -603,7 +635,17 @@ def _run(
     start_step = trainer.step
     data_seconds = 0.0
     log = RunLog(out_dir, trainer.step, tensorboard=config.tensorboard) if main else None
+    # The curve so far (metrics.jsonl, cut back to the checkpoint's step): a resume that
+    # already has the evaluation of its first step does not repeat it.
+    evaluated_steps = (
+        {row["step"] for row in evaluation_rows(read_rows(out_dir / METRICS_NAME))}
+        if monitor is not None
+        else set()
+    )
+    eval_times: list[float] = []  # this invocation's evaluations (their cost)
     try:
+        if monitor is not None and trainer.step not in evaluated_steps:
+            yield _evaluate(monitor, trainer, log, evaluated_steps, eval_times)
         while trainer.step < total_steps:
             epoch, offset = divmod(trainer.step, iters_per_epoch)
             dataset.set_epoch(epoch)
@@ -669,6 +711,11 @@ def _run(
                         f"ln(out_dim) = {collapse.max_entropy:.3f} for {collapse.patience} steps: "
                         "the teacher output is near uniform (collapse)",
                     )
+                if monitor is not None and (
+                    trainer.step == total_steps
+                    or (config.eval_every and trainer.step % config.eval_every == 0)
+                ):
+                    yield _evaluate(monitor, trainer, log, evaluated_steps, eval_times)
                 end_of_epoch = trainer.step % iters_per_epoch == 0
                 periodic = config.save_every and trainer.step % config.save_every == 0
                 if end_of_epoch or periodic or trainer.step == total_steps:
@@ -681,6 +728,8 @@ def _run(
                 if trainer.step >= total_steps:
                     break
                 waited_from = time.perf_counter()
+        if monitor is not None and trainer.step not in evaluated_steps:  # a run ended by skips
+            yield _evaluate(monitor, trainer, log, evaluated_steps, eval_times)
     finally:
         if log is not None:
             log.close()
@@ -696,9 +745,52 @@ def _run(
         "processes": world,
         "device": device,
     }
+    if monitor is not None:
+        rows = read_rows(out_dir / METRICS_NAME)
+        report["curve"] = curve_table(rows)  # [[step, knn_top1, knn_top5, effective_rank]]
+        seconds = [row["eval_seconds"] for row in evaluation_rows(rows) if "eval_seconds" in row]
+        report["eval"] = {
+            "k": config.eval_k, "n_bank": len(monitor.bank.labels),
+            "n_query": len(monitor.queries.labels),
+            "preload_seconds": round(monitor.preload_seconds, 2),
+            "seconds_per_evaluation": round(sum(seconds) / len(seconds), 3) if seconds else None,
+            "share_of_run": round(sum(eval_times) / elapsed, 4) if elapsed > 0 else None,
+        }
+        plot_curve(out_dir / METRICS_NAME, out_dir / CURVE_NAME,
+                   title=f"{config.arch}, {config.objective} objective")
     if main:
         (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     yield RunFinished(trainer.step, report)
+
+
+def _make_monitor(config: PretrainConfig, out_dir: Path) -> Any:
+    """The run's k-NN monitor (its images decoded once, here); its split in eval_split.json."""
+    from odis_core.masks.store import read_store
+    from odis_core.train.monitor import KnnMonitor  # imports embed, which imports this module
+
+    store = read_store(config.eval_masks)
+    images_root = config.eval_images or store.images_root
+    if images_root is None:
+        raise ValueError(f"{config.eval_masks}: the store records no image folder; "
+                         "pass --eval-images")
+    monitor = KnnMonitor(store, images_root, config.global_size, config.patch_size,
+                         seed=config.seed, max_objects=config.eval_max_objects, k=config.eval_k)
+    (out_dir / "eval_split.json").write_text(json.dumps(monitor.split(), indent=2) + "\n")
+    return monitor
+
+
+def _evaluate(
+    monitor: Any, trainer: Trainer, log: RunLog | None, done: set[int], times: list[float]
+) -> Evaluated:
+    """Evaluate the teacher's backbone now; record the row in metrics.jsonl/TensorBoard."""
+    values = monitor.evaluate(trainer.teacher.backbone)
+    times.append(values["eval_seconds"])
+    if log is not None:
+        log.write({"step": trainer.step, **values})
+        log.flush()
+    done.add(trainer.step)
+    return Evaluated(trainer.step, values["knn_top1"], values["knn_top5"],
+                     values["effective_rank"], values["eval_seconds"])
 
 
 def _save(path: Path, state: dict[str, Any]) -> None:

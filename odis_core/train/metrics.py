@@ -28,6 +28,10 @@ _TAGS = {
     "grad_norm": "optim/grad_norm",
     "images_per_second": "speed/images_per_second",
     "data_wait_share": "speed/data_wait_share",
+    "knn_top1": "eval/knn_top1",
+    "knn_top5": "eval/knn_top5",
+    "effective_rank": "eval/effective_rank",
+    "eval_seconds": "eval/seconds",
 }
 
 

@@ -29,6 +29,10 @@ def test_demo_runs_the_whole_pipeline_and_writes_demo_json(tmp_path):
     assert (workdir / "run" / "checkpoint.pt").is_file()
     assert json.loads((workdir / "run" / "config.json").read_text())["arch"] == "vit_tiny"
     assert "top-1" in result.output
+    # The online k-NN monitor on the test store: step 0 and the last (the only) step.
+    assert [point[0] for point in summary["curve"]] == [0, 1]
+    assert (workdir / "run" / "curve.png").read_bytes()[:4] == b"\x89PNG"
+    assert "online k-NN top-1" in result.output
 
 
 def test_commands_one_by_one_with_resume(tmp_path):
