@@ -212,7 +212,7 @@ DRY = Sizes(
 )
 
 # Stage caps (seconds) on the GPU: about 8 minutes together, inside one 540 s command.
-STAGE_CAPS = {1: 100.0, 2: 160.0, 3: 75.0, 4: 110.0, 5: 60.0}
+STAGE_CAPS = {1: 90.0, 2: 150.0, 3: 70.0, 4: 100.0, 5: 60.0}
 
 
 @dataclass
@@ -340,28 +340,32 @@ def check_attention(ctx: Context) -> list[Row]:
     def masked(model: ObjViT, obj_mask: torch.Tensor) -> Callable:
         return lambda x: model(x, obj_patch_mask=obj_mask, force_masked_path=True)
 
-    rows = []
+    paths = {
+        "split": (masked(split, mask), split),
+        "dense": (masked(dense, mask), dense),
+        "split, all-true mask": (masked(split, all_true), split),
+        "timm": (split.vit.forward_features, split),
+    }
     previous_tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 here
     try:
-        # Stated tolerances: fp32 paths agree to float rounding; under bf16 autocast each
-        # path rounds at other points, so the bound is a few bf16 ulps (2^-8 = 0.4 %).
-        for precision, bf16, tol in (("fp32", False, 1e-4), ("bf16 autocast", True, 2e-2)):
-            split_out = forward_backward(masked(split, mask), split, images, weights, bf16)
-            dense_out = forward_backward(masked(dense, mask), dense, images, weights, bf16)
-            rows.append(
-                {"check": f"split vs dense mask, {precision}", **compare(split_out, dense_out, tol)}
-            )
-            split_out = forward_backward(masked(split, all_true), split, images, weights, bf16)
-            timm_out = forward_backward(split.vit.forward_features, split, images, weights, bf16)
-            rows.append(
-                {
-                    "check": f"split (all-true mask) vs timm, {precision}",
-                    **compare(split_out, timm_out, tol),
-                }
-            )
+        results = {
+            (name, bf16): forward_backward(forward, module, images, weights, bf16)
+            for name, (forward, module) in paths.items()
+            for bf16 in (False, True)
+        }
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous_tf32
+    rows = []
+    # Stated tolerances: in fp32 the paths agree to float rounding (1e-4). Under bf16
+    # autocast each path rounds at other points: the bound is 2 %, or twice the reference
+    # path's own bf16-vs-fp32 error where that is larger (deep models accumulate more).
+    for got, want in (("split", "dense"), ("split, all-true mask", "timm")):
+        fp32 = compare(results[got, False], results[want, False], 1e-4)
+        floor = compare(results[want, True], results[want, False], 1.0)["max rel L2 err"]
+        bf16 = compare(results[got, True], results[want, True], max(2e-2, 2 * floor))
+        rows.append({"check": f"{got} vs {want}, fp32", **fp32, "bf16 floor": ""})
+        rows.append({"check": f"{got} vs {want}, bf16 autocast", **bf16, "bf16 floor": floor})
     return rows
 
 
@@ -1041,7 +1045,7 @@ def main() -> None:
     parser.add_argument("--device", default=None, help="default: cuda, or cpu for --dry-run")
     parser.add_argument("--stages", default="1,2,3,4,5", help="comma-separated stage numbers")
     parser.add_argument(
-        "--budget", type=float, default=510.0, help="seconds for the whole suite (default 510)"
+        "--budget", type=float, default=480.0, help="seconds for the whole suite (default 480)"
     )
     parser.add_argument(
         "--caps", default="", help="stage caps in seconds, e.g. 2=200,4=90 (default: STAGE_CAPS)"

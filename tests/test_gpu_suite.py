@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SUITE = REPO / "benchmarks" / "gpu_suite.py"
@@ -108,3 +109,20 @@ def test_runner_records_errors_and_time_caps_and_writes_after_every_item(
     assert report["stages"][1]["rows"][0]["status"].startswith("stopped: time cap")
     assert report["stages"][2]["rows"][0]["status"] == "ok"
     assert "failed: ValueError: bad input" in (out / "gpu_suite.md").read_text()
+
+
+def test_attention_check_fails_when_the_split_path_ignores_the_object_mask(suite, monkeypatch):
+    import odis_core.model.obj_attention as obj_attention
+
+    real = obj_attention.obj_row_attention
+
+    def unmasked_row(q_obj, k, v, row_mask, scale, dropout=0.0):
+        return real(q_obj, k, v, torch.ones_like(row_mask), scale, dropout)
+
+    monkeypatch.setattr(obj_attention, "obj_row_attention", unmasked_row)
+    ctx = suite.Context("cpu", True, suite.DRY, Path("."))
+    rows = {row["check"]: row for row in suite.check_attention(ctx)}
+    assert rows["split vs dense, fp32"]["status"] == "FAIL"
+    assert rows["split vs dense, bf16 autocast"]["status"] == "FAIL"
+    # The all-true mask is unaffected by the broken masking: still equal to timm.
+    assert rows["split, all-true mask vs timm, fp32"]["status"] == "pass"
