@@ -296,7 +296,7 @@ def forward_backward(
 
 def compare(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], tol: float) -> Row:
     """Outputs and gradients of two paths: the worst relative L2 error over the tensors
-    (pass when <= tol), the largest absolute error and where it is."""
+    (pass when <= tol) and which tensor it is, and the largest absolute error."""
     shared = [name for name in want if name in got]
     if len(shared) < 3:
         raise RuntimeError(f"only {len(shared)} gradients in common")
@@ -1014,7 +1014,7 @@ def run_suite(
     stage_numbers: set[int],
     budget_s: float,
     caps: dict[int, float] | None = None,
-    stage_table=STAGES,
+    stage_table: tuple[tuple[int, str, Callable[[Context], list[Item]]], ...] = STAGES,
 ) -> list[Stage]:
     """Every selected stage in order, each until its cap (and the whole within `budget_s`);
     the report is rewritten after every item."""
@@ -1027,14 +1027,16 @@ def run_suite(
         for number, title, build in stage_table
         if number in stage_numbers
     ]
-    write_report(out, env, stages, started)
-    for stage in stages:
-        deadline = min(
-            time.perf_counter() + stage.cap_s, started + budget_s - OVERRUN_GRACE_S
-        )
-        run_stage(stage, deadline, lambda: write_report(out, env, stages, started))
+
+    def after_item() -> None:
         write_report(out, env, stages, started)
-        ctx.release()
+        ctx.release()  # an item's tensors (or an OOM's leftovers) do not crowd the next
+
+    after_item()
+    for stage in stages:
+        deadline = min(time.perf_counter() + stage.cap_s, started + budget_s - OVERRUN_GRACE_S)
+        run_stage(stage, deadline, after_item)
+        after_item()
     return stages
 
 
