@@ -301,10 +301,11 @@ def compare(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], tol: fl
     if len(shared) < 3:
         raise RuntimeError(f"only {len(shared)} gradients in common")
     errors = {name: relative_l2(got[name], want[name]) for name in shared}
-    worst = max(errors, key=errors.get)
+    # A NaN anywhere is the worst error (max() alone would not see it).
+    worst = max(errors, key=lambda name: errors[name] if math.isfinite(errors[name]) else math.inf)
     max_abs = max((got[n] - want[n]).abs().max().item() for n in shared)
     return {
-        "status": "pass" if errors[worst] <= tol and math.isfinite(errors[worst]) else "FAIL",
+        "status": "pass" if math.isfinite(errors[worst]) and errors[worst] <= tol else "FAIL",
         "max rel L2 err": errors[worst],
         "worst tensor": worst,
         "tokens rel L2 err": errors["tokens"],
