@@ -347,8 +347,9 @@ def check_attention(ctx: Context) -> list[Row]:
         "split, all-true mask": (masked(split, all_true), split),
         "timm": (split.vit.forward_features, split),
     }
-    previous_tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 here
+    previous_tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 here (matmul and the
+    torch.backends.cudnn.allow_tf32 = False  # patch-embedding convolution)
     try:
         results = {
             (name, bf16): forward_backward(forward, module, images, weights, bf16)
@@ -356,7 +357,7 @@ def check_attention(ctx: Context) -> list[Row]:
             for bf16 in (False, True)
         }
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = previous_tf32
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous_tf32
     rows = []
     # Stated tolerances: in fp32 the paths agree to float rounding (1e-4). Under bf16
     # autocast each path rounds at other points: the bound is 2 %, or twice the reference
@@ -437,18 +438,19 @@ def check_views(ctx: Context) -> list[Row]:
     on_cpu = torch.cat([v.flatten() for v in cpu_views])
     by_loader = torch.cat([v.flatten() for v in loader_views])
     rows = []
-    # (a) Same code on two devices: float rounding, except where a pixel sits on a
-    # threshold (solarize at 0.5) and lands on the other side: a tiny share may differ.
+    # (a) Same code on two devices: float rounding (TF32 convolutions in the blur on a
+    # GPU), except where a pixel sits on a threshold (solarize at 0.5) and lands on the
+    # other side: a tiny share may differ by more. A wrong box or flip moves the mean ~0.5.
     same = (on_device - on_cpu).abs()
-    off_share = (same > 1e-3).float().mean().item()
+    off_share = (same > 1e-2).float().mean().item()
     rows.append(
         {
             "check": f"device vs CPU render, {len(device_views)} view batches",
-            "status": "pass" if same.mean().item() <= 1e-4 and off_share <= 1e-3 else "FAIL",
+            "status": "pass" if same.mean().item() <= 1e-3 and off_share <= 1e-3 else "FAIL",
             "mean abs err": same.mean().item(),
             "max abs err": same.max().item(),
-            "share > 1e-3": off_share,
-            "tolerance": "mean <= 1e-4, share <= 1e-3",
+            "share > 1e-2": off_share,
+            "tolerance": "mean <= 1e-3, share > 1e-2 <= 1e-3",
         }
     )
     # (b) roi_align area sampling vs PIL bicubic (normalised units, 1/255/0.225 = 0.017 is
@@ -460,7 +462,7 @@ def check_views(ctx: Context) -> list[Row]:
             "status": "pass" if loader.mean().item() <= 0.05 else "FAIL",
             "mean abs err": loader.mean().item(),
             "max abs err": loader.max().item(),
-            "share > 1e-3": (loader > 1e-3).float().mean().item(),
+            "share > 1e-2": (loader > 1e-2).float().mean().item(),
             "tolerance": "mean <= 0.05",
         }
     )
