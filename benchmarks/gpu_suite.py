@@ -411,14 +411,13 @@ def check_views(ctx: Context) -> list[Row]:
         source, (scale_x, scale_y) = source_tensor(image)
         kinds = ((views.global_plans, s.views_global), (views.local_plans, s.views_local))
         for plans, size in kinds:
-            c = [plan.crop for plan in plans]
+            # roi_align boxes: (source row, x0, y0, x1, y1) in the shipped image's pixels.
+            xyxy = [(p.crop.left, p.crop.top, p.crop.left + p.crop.width,
+                     p.crop.top + p.crop.height) for p in plans]  # fmt: skip
             boxes = torch.tensor(
-                [
-                    [0.0, b.left * scale_x, b.top * scale_y, (b.left + b.width) * scale_x,
-                     (b.top + b.height) * scale_y]
-                    for b in c
-                ]
-            )
+                [[0.0, x0 * scale_x, y0 * scale_y, x1 * scale_x, y1 * scale_y]
+                 for x0, y0, x1, y1 in xyxy]
+            )  # fmt: skip
             flips = torch.tensor([plan.flip for plan in plans])
             params = torch.stack([plan.photometric for plan in plans])
             device_views.append(
