@@ -42,7 +42,9 @@ def random_problem(n_bank, n_queries, dim, n_classes, dtype, spread=1.0, seed=0)
     return sample(bank_labels), bank_labels, sample(query_labels), query_labels
 
 
-def _run_backend(args: dict, backend: str, queue) -> None:
+def run_backend(args: dict, backend: str) -> dict:
+    """Builds the random problem of `args` and times `weighted_knn` with `backend` (auto,
+    faiss, torch or ivf) in this process: wall seconds, peak memory, top-1, IVF recall."""
     import torch
 
     from odis_core.evaluate.knn import weighted_knn
@@ -68,16 +70,18 @@ def _run_backend(args: dict, backend: str, queue) -> None:
     seconds = time.perf_counter() - start
     gpu_peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
     recall = result.ivf["recall_at_k"] if result.ivf else None
-    queue.put(
-        {
-            "backend": result.backend,
-            "seconds": seconds,
-            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-            "gpu_peak_gib": gpu_peak,
-            "recall": recall,
-            "top1_k20": result.results.get(20, {}).get("top1"),
-        }
-    )
+    return {
+        "backend": result.backend,
+        "seconds": seconds,
+        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "gpu_peak_gib": gpu_peak,
+        "recall": recall,
+        "top1_k20": result.results.get(20, {}).get("top1"),
+    }
+
+
+def _run_backend(args: dict, backend: str, queue) -> None:
+    queue.put(run_backend(args, backend))
 
 
 def measure(args: dict, backend: str) -> dict:
@@ -90,14 +94,15 @@ def measure(args: dict, backend: str) -> dict:
     return row
 
 
-def agreement(n_bank: int, n_queries: int, dim: int, k: int) -> dict:
-    """FAISS exact vs torch matmul + top-k on one problem: same neighbours?"""
+def agreement(n_bank: int, n_queries: int, dim: int, k: int, device: str = "cpu") -> dict:
+    """FAISS exact (CPU) vs torch matmul + top-k on `device` on one problem: same
+    neighbours?"""
     from odis_core.evaluate.search import FaissCpuSearch, TorchSearch, l2_normalize
 
     bank, _, queries, _ = random_problem(n_bank, n_queries, dim, 10, np.float32, seed=1)
     bank, queries = l2_normalize(bank), l2_normalize(queries)
     faiss_sim, faiss_idx = FaissCpuSearch(bank).search(queries, k)
-    torch_sim, torch_idx = TorchSearch(bank, "cpu").search(queries, k)
+    torch_sim, torch_idx = TorchSearch(bank, device).search(queries, k)
     differ = faiss_idx != torch_idx
     # A differing index where both similarity lists hold the same value is a tie order.
     return {

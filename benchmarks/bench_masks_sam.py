@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 from segment_anything import SamAutomaticMaskGenerator, sam_model_registry
 
-from odis_core.masks.sam_batch import batched_generator
+from odis_core.masks.sam_batch import BatchedMaskGenerator, batched_generator
 
 
 def tiny_sam():
@@ -84,6 +84,23 @@ def timed(run, device: str) -> float:
     return time.perf_counter() - start
 
 
+def compare_generators(
+    model, images: list[np.ndarray], settings: dict, batch_size: int, bf16: bool, device: str
+) -> tuple[float, float, BatchedMaskGenerator]:
+    """Seconds of SamAutomaticMaskGenerator image by image and of our batched generator
+    (batches of `batch_size`) over the same images and settings, each after a warm-up;
+    and our generator (its settings label the result)."""
+    plain = SamAutomaticMaskGenerator(model, output_mode="coco_rle", **settings)
+    ours = batched_generator(model, settings, bf16=bf16)
+    with torch.inference_mode():
+        plain.generate(images[0])  # warm-up (CUDA context, cuDNN autotune)
+        ours.generate_batch(images[: min(2, len(images))])
+        plain_s = timed(lambda: [plain.generate(image) for image in images], device)
+        batches = [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
+        ours_s = timed(lambda: [ours.generate_batch(batch) for batch in batches], device)
+    return plain_s, ours_s, ours
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-type", default="tiny", choices=["tiny", "vit_b", "vit_l", "vit_h"])
@@ -105,14 +122,9 @@ def main() -> None:
         settings["points_per_side"] = args.points_per_side
     images = synthetic_images(args.images, *args.size)
 
-    plain = SamAutomaticMaskGenerator(model, output_mode="coco_rle", **settings)
-    ours = batched_generator(model, settings, bf16=not args.no_bf16)
-    with torch.inference_mode():
-        plain.generate(images[0])  # warm-up (CUDA context, cuDNN autotune)
-        ours.generate_batch(images[: min(2, len(images))])
-        plain_s = timed(lambda: [plain.generate(image) for image in images], args.device)
-        batches = [images[i : i + args.batch_size] for i in range(0, len(images), args.batch_size)]
-        ours_s = timed(lambda: [ours.generate_batch(batch) for batch in batches], args.device)
+    plain_s, ours_s, ours = compare_generators(
+        model, images, settings, args.batch_size, not args.no_bf16, args.device
+    )
 
     table = Table(
         title=f"SAM {args.model_type} on {args.device}: {args.images} images "

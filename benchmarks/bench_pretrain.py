@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
+import multiprocessing
 import resource
 import sys
 import tempfile
@@ -149,17 +151,44 @@ def plain_timm_step(config: PretrainConfig, device: str) -> Callable[[], None]:
     return step
 
 
+VARIANTS = ("odis (split attn)", "odis (dense mask)", "image (iBOT)", "plain timm")
+
+
+def variant_step(
+    name: str, config: PretrainConfig, device: str, steps: int
+) -> Callable[[], None]:
+    """One training step of a VARIANTS entry on random batches; `config.compile` compiles
+    it (the Trainer's student and teacher, or the whole plain timm step)."""
+    if name == "odis (split attn)":
+        return trainer_step(dataclasses.replace(config, attention_impl="split"), device, steps)
+    if name == "odis (dense mask)":
+        return trainer_step(dataclasses.replace(config, attention_impl="dense"), device, steps)
+    if name == "image (iBOT)":
+        return trainer_step(dataclasses.replace(config, objective="image"), device, steps)
+    if name == "plain timm":
+        step = plain_timm_step(config, device)
+        return torch.compile(step) if config.compile else step
+    raise ValueError(f"unknown variant {name!r}: one of {', '.join(VARIANTS)}")
+
+
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
 
 
-def time_step(step: Callable[[], None], device: str, warmup: int, steps: int) -> dict:
+def time_step(
+    step: Callable[[], None], device: str, warmup: int, steps: int, flops: int | None = None
+) -> dict:
+    """Step time, FLOPs, peak memory and TFLOP/s of `step` after `warmup` untimed calls.
+
+    FLOPs are counted on one more call unless given (a compiled step does the eager step's
+    arithmetic: pass the eager count instead of tracing the compiled graph)."""
     for _ in range(warmup):
         step()
-    with FlopCounterMode(display=False) as counter:
-        step()
-    flops = counter.get_total_flops()
+    if flops is None:
+        with FlopCounterMode(display=False) as counter:
+            step()
+        flops = counter.get_total_flops()
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     sync(device)
@@ -256,21 +285,12 @@ def data_pipeline(
 ) -> dict:
     """The real pipeline on synthetic scenes: images/s and the share of time waiting for data
     (skipped with `loader_only`), and the loader's own throughput."""
-    from odis_core.masks.coco import import_coco
-    from odis_core.scenes.synthetic import SceneConfig, generate_scenes
     from odis_core.train.loop import RunFinished, pretrain
 
     with tempfile.TemporaryDirectory() as tmp:
         n_images = config.batch_size * (steps + 2)
-        splits = generate_scenes(
-            Path(tmp) / "scenes",
-            n_images,
-            1,
-            seed=0,
-            config=SceneConfig(image_size=max(config.global_size, 64) * 2),
-        )
-        store, _ = import_coco(
-            splits["train"].annotations, Path(tmp) / "masks", images_root=splits["train"].images_dir
+        store, images_root = scene_store(
+            Path(tmp), n_images, max(config.global_size, 64) * 2, processes=max(1, workers)
         )
         run_config = dataclasses.replace(
             config,
@@ -290,15 +310,62 @@ def data_pipeline(
         run = (
             ()
             if loader_only
-            else pretrain(run_config, splits["train"].images_dir, store, Path(tmp) / "run")
+            else pretrain(run_config, images_root, store, Path(tmp) / "run")
         )
         for event in run:
             if isinstance(event, RunFinished):
                 report = dict(event.report)
-        loader = loader_throughput(run_config, splits["train"].images_dir, store, workers, device)
+        loader = loader_throughput(run_config, images_root, store, workers, device)
         report["loader_only_images_per_second"] = loader["loader_images_per_second"]
         report["render_images_per_second"] = loader.get("render_images_per_second", float("nan"))
         return report
+
+
+def _scene_part(out: Path, part: int, n_images: int, image_size: int) -> Path:
+    from odis_core.scenes.synthetic import SceneConfig, generate_split
+
+    config = SceneConfig(image_size=image_size)
+    return generate_split(out, f"part{part}", n_images, seed=part, config=config).annotations
+
+
+def scene_store(root: Path, n_images: int, image_size: int, processes: int = 1):
+    """(mask store, images root) of `n_images` synthetic scenes under `root`, rendered by
+    `processes` processes (one scene takes ~0.1 s at 448 px: a few thousand would keep a
+    single core busy for minutes). Part k is split "part<k>" of seed k; one COCO file
+    names every image relative to `root / "scenes"`."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from odis_core.masks.coco import import_coco
+
+    scenes = root / "scenes"
+    processes = max(1, min(processes, n_images))
+    sizes = [n_images // processes + (k < n_images % processes) for k in range(processes)]
+    jobs = [(scenes, k, n, image_size) for k, n in enumerate(sizes)]
+    if processes == 1:
+        annotations = [_scene_part(*jobs[0])]
+    else:  # fork: the children only run numpy and PIL, never the parent's CUDA context
+        context = multiprocessing.get_context("fork")
+        with ProcessPoolExecutor(processes, mp_context=context) as pool:
+            annotations = list(pool.map(_scene_part, *zip(*jobs, strict=True)))
+    merged: dict = {"images": [], "annotations": []}
+    for part, path in enumerate(annotations):
+        coco = json.loads(path.read_text())
+        offset = part * 10_000_000  # ids unique across parts
+        for image in coco["images"]:
+            folder = path.parent.relative_to(scenes) / "images"
+            merged["images"].append(
+                {**image, "id": image["id"] + offset, "file_name": f"{folder}/{image['file_name']}"}
+            )
+        for annotation in coco["annotations"]:
+            merged["annotations"].append(
+                {**annotation, "id": annotation["id"] + offset,
+                 "image_id": annotation["image_id"] + offset}
+            )  # fmt: skip
+        merged["categories"] = coco["categories"]
+        merged["info"] = coco.get("info", {})
+    (root / "scenes.json").write_text(json.dumps(merged))
+    store, _ = import_coco(root / "scenes.json", root / "masks", images_root=scenes)
+    return store, scenes
 
 
 def loader_throughput(
@@ -405,16 +472,8 @@ def main() -> None:
     images_per_step = args.batch_size
 
     variants = {
-        "odis (split attn)": lambda: trainer_step(
-            dataclasses.replace(config, attention_impl="split"), device, args.steps
-        ),
-        "odis (dense mask)": lambda: trainer_step(
-            dataclasses.replace(config, attention_impl="dense"), device, args.steps
-        ),
-        "image (iBOT)": lambda: trainer_step(
-            dataclasses.replace(config, objective="image"), device, args.steps
-        ),
-        "plain timm": lambda: plain_timm_step(config, device),
+        name: functools.partial(variant_step, name, config, device, args.steps)
+        for name in VARIANTS
     }
     if args.augment_on == "auto":  # as `odis pretrain` resolves it
         args.augment_on = "device" if device.startswith("cuda") else "loader"
@@ -460,8 +519,6 @@ def main() -> None:
     for _ in range(args.rounds):
         for name, build in variants.items():
             step = build()
-            if args.compile and name == "plain timm":
-                step = torch.compile(step)
             runs[name].append(time_step(step, device, args.warmup, args.steps))
             del step
             if device.startswith("cuda"):
