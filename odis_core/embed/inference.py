@@ -8,6 +8,12 @@ Object level, one feature per object of the mask store:
 - "meanpool": mean of the final in-object patch tokens of an unmasked pass.
 Image level: one feature per image, the unmasked [OBJ] token (= plain [CLS] inference).
 
+One pass per image (`one_pass`, read-out models only, issue 19): the masked features of all
+objects of an image come from one forward with one read-out [OBJ] token per object (at most
+`max_objects_per_pass`; more objects take several passes). The patch stream of a read-out
+model never reads an [OBJ] key, so each feature equals that object's own pass (tested to
+fp32 tolerance); the paper's model gives no such guarantee, and one pass is refused there.
+
 The whole image is resized to a square `image_size` (no centre crop, which would cut
 objects at the border away); the object mask is patchified with the same rule as in
 training (a patch is in when the object covers at least half of it, always at least one).
@@ -39,6 +45,9 @@ from odis_core.train.loop import build_backbone_for, build_network
 LEVELS = ("object", "image")
 DECODE_ON = ("auto", "loader", "device")
 OBJECT_MODES = ("masked", "crop", "blackout", "meanpool")
+# Read-out [OBJ] tokens per forward row: a 224 px ViT/16 with 64 of them runs 260 tokens
+# instead of 197; images with more objects take several rows.
+MAX_OBJECTS_PER_PASS = 64
 
 
 @dataclass
@@ -183,6 +192,62 @@ def resolve_decode_on(decode_on: str, device: str) -> str:
     return decode_on
 
 
+def resolve_one_pass(one_pass: bool | None, backbone: ObjViT) -> bool:
+    """One pass per image: the default for read-out models, refused for the others (their
+    patch tokens attend to the [OBJ] key, so several objects in one pass would not be exact)."""
+    if one_pass is None:
+        return backbone.obj_readout
+    if one_pass and not backbone.obj_readout:
+        raise ValueError(
+            "--one-pass needs a read-out model (odis pretrain --obj-readout): in this one "
+            "the patches attend to the [OBJ] token, so objects cannot share a pass"
+        )
+    return one_pass
+
+
+def one_pass_slots(owner: list[int], cap: int) -> tuple[list[int], list[int], list[int]]:
+    """Forward rows for objects grouped by image: each row holds up to `cap` objects of one
+    image. owner: the image index of each object. Returns the image of each row, and the
+    row and slot (its [OBJ] token) of each object."""
+    row_images: list[int] = []
+    filled: list[int] = []
+    open_row: dict[int, int] = {}  # image -> its row still taking objects
+    rows, slots = [], []
+    for image in owner:
+        row = open_row.get(image)
+        if row is None or filled[row] == cap:
+            row = open_row[image] = len(row_images)
+            row_images.append(image)
+            filled.append(0)
+        rows.append(row)
+        slots.append(filled[row])
+        filled[row] += 1
+    return row_images, rows, slots
+
+
+def one_pass_features(
+    backbone: ObjViT,
+    images: torch.Tensor,
+    owner: torch.Tensor,
+    masks: torch.Tensor,
+    cap: int = MAX_OBJECTS_PER_PASS,
+) -> torch.Tensor:
+    """[OBJ] features (T, D) of T objects, all objects of an image in one forward row.
+
+    images (M, 3, H, W); owner (T,) int64, the image of each object; masks (T, N) bool.
+    Rows with fewer objects than the batch's widest row are padded with all-false masks
+    (a padding token sees only its own key, and no token sees it)."""
+    row_images, rows, slots = one_pass_slots(owner.tolist(), cap)
+    width = max(slots) + 1
+    rows_t = torch.tensor(rows, device=masks.device)
+    slots_t = torch.tensor(slots, device=masks.device)
+    row_masks = masks.new_zeros(len(row_images), width, masks.shape[1])
+    row_masks[rows_t, slots_t] = masks
+    inputs = images[torch.tensor(row_images, device=images.device)]
+    tokens = backbone(inputs, obj_patch_mask=row_masks)
+    return tokens[rows_t, slots_t]
+
+
 def _without_images(batch: dict[str, Any], failed: list[int]) -> dict[str, Any]:
     """`batch` without the objects of its `failed` inputs, each named in "skipped"."""
     keep = [k for k, owner in enumerate(batch["owner"].tolist()) if owner not in failed]
@@ -253,12 +318,17 @@ def embed_records(
     workers: int = 0,
     progress: Callable[[int, int], None] | None = None,
     decode_on: str = "auto",
+    one_pass: bool | None = None,
+    max_objects_per_pass: int = MAX_OBJECTS_PER_PASS,
 ) -> EmbedResult:
     """Features of the objects (or images) of `records`, in their order (see `embed`).
 
     decode_on: "loader" (PIL in the loader), "device" (whole-image inputs of plain JPEGs
     decoded and resized on `device`, see `device_decode.py`), "auto" (device on CUDA).
+    one_pass: masked objects of an image share one forward (see the module docstring);
+    None = on for read-out models. Other modes and the image level are unaffected.
     """
+    shared_pass = resolve_one_pass(one_pass, backbone) and level == "object" and mode == "masked"
     on_device = resolve_decode_on(decode_on, device) == "device"
     dataset = _ObjectInputs(
         Path(images_root), records, store, level, mode, image_size, backbone.patch_size,
@@ -278,14 +348,19 @@ def embed_records(
                 batch = _without_images(batch, failed)
                 skipped += batch["skipped"][reported:]
         if batch["masks"] is not None:
-            inputs = images[batch["owner"].to(device, non_blocking=True)]
+            # Per-object inputs are indexed only where needed (one-pass rows index their own).
+            owner = batch["owner"].to(device, non_blocking=True)
             masks = batch["masks"].to(device, non_blocking=True)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
-                if mode == "meanpool" and level == "object":
-                    tokens = backbone(inputs)
+                if shared_pass:
+                    feature = one_pass_features(
+                        backbone, images, batch["owner"], masks, max_objects_per_pass
+                    )
+                elif mode == "meanpool" and level == "object":
+                    tokens = backbone(images[owner])
                     feature = meanpool_object(tokens[:, 1:], masks)
                 else:
-                    feature = backbone(inputs, obj_patch_mask=masks)[:, 0]
+                    feature = backbone(images[owner], obj_patch_mask=masks)[:, 0]
             features.append(feature.float().cpu())
             for row in batch["rows"]:
                 category = row.pop("category_id")

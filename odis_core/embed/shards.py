@@ -186,6 +186,7 @@ def embed_to_directory(
     rank: int = 0,
     world_size: int = 1,
     barrier: Callable[[], None] | None = None,
+    one_pass: bool | None = None,
 ) -> Iterator[ShardDone | EmbedFinished]:
     """Embed `records` into the feature directory `out_dir`, resuming complete shards.
 
@@ -195,6 +196,7 @@ def embed_to_directory(
     `info` is provenance stored in info.json (backbone, checkpoint, ...); the settings are
     stored with it and compared on a re-run.
     `barrier` (several ranks) must return once every rank has finished its shards.
+    `one_pass` (see `embed_records`) changes the speed, not the features: not a setting.
     """
     out_dir = Path(out_dir)
     settings_dict = settings.as_dict()
@@ -228,6 +230,7 @@ def embed_to_directory(
             device,
             workers,
             decode_on=settings.decode,
+            one_pass=one_pass,
         )
         if result.features.shape[0] == 0:
             result.features = np.zeros((0, backbone.embed_dim), np.float32)

@@ -168,6 +168,7 @@ def build_backbone_for(
         drop_path_rate=drop_path_rate,
         attention_impl=config.attention_impl,
         grad_checkpointing=grad_checkpointing,
+        obj_readout=config.obj_readout,
         **depth,
     )
 
