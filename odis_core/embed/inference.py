@@ -276,6 +276,7 @@ def embed(
     workers: int = 0,
     progress: Callable[[int, int], None] | None = None,
     decode_on: str = "auto",
+    one_pass: bool | None = None,
 ) -> EmbedResult:
     """Features for every object (level "object") or image (level "image").
 
@@ -285,7 +286,7 @@ def embed(
     """
     records = list_records(images_root, store, level, mode)
     return embed_records(backbone, images_root, records, store, level, mode, image_size,
-                         batch_size, device, workers, progress, decode_on)
+                         batch_size, device, workers, progress, decode_on, one_pass)
 
 
 def list_records(
