@@ -10,8 +10,9 @@ bf16 autocast on CUDA, float32 on the CPU (as `odis embed` does).
 `--one-pass both` (issue 19) instead compares, in one run, a read-out model's objects/s
 with one pass per object against one pass per image (all its objects as read-out [OBJ]
 tokens), model alone and end to end, on the demo scenes (2-5 objects per image) and on a
-store of `--masks-per-image` box masks per image; the two runs' batches are interleaved
-so that both see the same machine load.
+store of `--masks-per-image` box masks per image. The two ways take turns (batch by batch
+for the model, run by run end to end), `--repeats` times, and each way's fastest time
+counts: on a shared machine the fastest is the one least slowed by other processes.
 
     python3 benchmarks/bench_embed.py --quick                      # CPU, seconds
     python3 benchmarks/bench_embed.py --archs vit_small,vit_base --batch-size 256 \\
@@ -154,10 +155,17 @@ def demo_scenes(root: Path, n_images: int) -> tuple[Path, MaskStore]:
 
 @torch.no_grad()
 def one_pass_model_rates(
-    backbone: ObjViT, images_dir: Path, store: MaskStore, size: int, batch: int, device: str
+    backbone: ObjViT,
+    images_dir: Path,
+    store: MaskStore,
+    size: int,
+    batch: int,
+    device: str,
+    repeats: int,
 ) -> tuple[float, float]:
     """Objects/s of the model alone, (one pass per object, one pass per image), over the
-    store's object batches (decoded beforehand); the two are timed batch by batch in turn."""
+    store's object batches (decoded beforehand): per batch, the two take turns `repeats`
+    times and the fastest time of each counts."""
     dataset = _ObjectInputs(
         images_dir, list(store.images), store, "object", "masked", size, backbone.patch_size
     )
@@ -175,15 +183,19 @@ def one_pass_model_rates(
         one_pass_features(backbone, images, owner, masks)
         for images, owner, masks in batches:
             n_objects += len(owner)
+            fastest = {way: float("inf") for way in seconds}
+            for _ in range(repeats):
+                for way in seconds:
+                    sync(device)
+                    start = time.perf_counter()
+                    if way == "per_object":
+                        backbone(images[owner.to(device)], obj_patch_mask=masks)[:, 0]
+                    else:
+                        one_pass_features(backbone, images, owner, masks)
+                    sync(device)
+                    fastest[way] = min(fastest[way], time.perf_counter() - start)
             for way in seconds:
-                sync(device)
-                start = time.perf_counter()
-                if way == "per_object":
-                    backbone(images[owner.to(device)], obj_patch_mask=masks)[:, 0]
-                else:
-                    one_pass_features(backbone, images, owner, masks)
-                sync(device)
-                seconds[way] += time.perf_counter() - start
+                seconds[way] += fastest[way]
     return n_objects / seconds["per_object"], n_objects / seconds["one_pass"]
 
 
@@ -214,19 +226,23 @@ def one_pass_table(options, device: str, size: int) -> Table:
             for name, (images_dir, store) in stores.items():
                 per_image = len(store.objects) / len(store.images)
                 model_per, model_one = one_pass_model_rates(
-                    backbone, images_dir, store, size, options.batch_size, device
+                    backbone, images_dir, store, size, options.batch_size, device,
+                    options.repeats,
                 )
-                rates, features = {}, {}
-                for one_pass in (False, True):
-                    start = time.perf_counter()
-                    result = embed(
-                        backbone, images_dir, store, image_size=size,
-                        batch_size=options.batch_size, device=device,
-                        workers=options.workers, decode_on=options.decode_on, one_pass=one_pass,
-                    )
-                    sync(device)
-                    rates[one_pass] = len(result.features) / (time.perf_counter() - start)
-                    features[one_pass] = result.features
+                rates, features = {False: 0.0, True: 0.0}, {}
+                for _ in range(options.repeats):
+                    for one_pass in (False, True):
+                        start = time.perf_counter()
+                        result = embed(
+                            backbone, images_dir, store, image_size=size,
+                            batch_size=options.batch_size, device=device,
+                            workers=options.workers, decode_on=options.decode_on,
+                            one_pass=one_pass,
+                        )
+                        sync(device)
+                        rate = len(result.features) / (time.perf_counter() - start)
+                        rates[one_pass] = max(rates[one_pass], rate)
+                        features[one_pass] = result.features
                 difference = float(np.abs(features[True] - features[False]).max())
                 table.add_row(
                     arch, name, f"{per_image:.1f}", f"{model_per:,.1f}", f"{model_one:,.1f}",
@@ -263,6 +279,9 @@ def main() -> None:
     parser.add_argument(
         "--masks-per-image", type=int, default=40, help="objects per image of the --one-pass "
         "both store of many masks (it has a quarter of --n-images images)"
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=2, help="--one-pass both: turns per way (fastest counts)"
     )
     options = parser.parse_args()
     if options.quick:

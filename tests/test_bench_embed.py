@@ -33,7 +33,7 @@ def test_bench_embed_quick_prints_every_column(decode_on, monkeypatch, capsys):
 
 def test_bench_embed_one_pass_both_compares_on_two_stores(monkeypatch, capsys):
     argv = [str(BENCH), "--one-pass", "both", "--archs", "vit_tiny", "--image-size", "32",
-            "--n-images", "4", "--batch-size", "4", "--masks-per-image", "6"]
+            "--n-images", "4", "--batch-size", "4", "--masks-per-image", "6", "--repeats", "1"]
     monkeypatch.setattr(sys, "argv", argv)
     runpy.run_path(str(BENCH), run_name="__main__")
     rows = [line for line in capsys.readouterr().out.splitlines() if "vit_tiny" in line]
