@@ -7,9 +7,17 @@ model's ceiling); images/s of the decode + resize + normalise pipeline over a fo
 end through `odis_core.embed.inference.embed`. The smaller ceiling is the bottleneck.
 bf16 autocast on CUDA, float32 on the CPU (as `odis embed` does).
 
+`--one-pass both` (issue 19) instead compares, in one run, a read-out model's objects/s
+with one pass per object against one pass per image (all its objects as read-out [OBJ]
+tokens), model alone and end to end, on the demo scenes (2-5 objects per image) and on a
+store of `--masks-per-image` box masks per image. The two ways take turns (batch by batch
+for the model, run by run end to end), `--repeats` times, and each way's fastest time
+counts: on a shared machine the fastest is the one least slowed by other processes.
+
     python3 benchmarks/bench_embed.py --quick                      # CPU, seconds
     python3 benchmarks/bench_embed.py --archs vit_small,vit_base --batch-size 256 \\
         --n-images 4096 --workers 16 --device cuda                  # the GPU goal run
+    python3 benchmarks/bench_embed.py --one-pass both --archs vit_small --n-images 32
 """
 
 from __future__ import annotations
@@ -27,12 +35,26 @@ from rich.console import Console
 from rich.table import Table
 
 from odis_core.embed.device_decode import model_inputs
-from odis_core.embed.inference import _collate, _ObjectInputs, embed, resolve_decode_on
+from odis_core.embed.inference import (
+    _collate,
+    _ObjectInputs,
+    embed,
+    one_pass_features,
+    resolve_decode_on,
+)
 from odis_core.masks.coco import import_coco
+from odis_core.masks.store import MaskStore
 from odis_core.model.obj_vit import ObjViT
+from odis_core.scenes.synthetic import generate_scenes
 
 
-def make_folder(root: Path, n_images: int, objects_per_image: int, seed: int = 0):
+def make_folder(
+    root: Path,
+    n_images: int,
+    objects_per_image: int,
+    seed: int = 0,
+    box_px: tuple[float, float] = (60, 250),
+):
     """JPEGs of ImageNet's typical size (500 x 375) and a boxes-only COCO file -> store."""
     rng = np.random.default_rng(seed)
     images_dir = root / "images"
@@ -50,7 +72,7 @@ def make_folder(root: Path, n_images: int, objects_per_image: int, seed: int = 0
         Image.fromarray(pixels).save(images_dir / name, quality=90)
         coco["images"].append({"id": index, "file_name": name, "width": 500, "height": 375})
         for obj in range(objects_per_image):
-            w, h = rng.uniform(60, 250), rng.uniform(60, 200)
+            w, h = rng.uniform(*box_px), rng.uniform(box_px[0], min(box_px[1], 200))
             bx, by = rng.uniform(0, 500 - w), rng.uniform(0, 375 - h)
             coco["annotations"].append(
                 {
@@ -150,6 +172,115 @@ def embed_seconds(
     return time.perf_counter() - start
 
 
+def demo_scenes(root: Path, n_images: int) -> tuple[Path, MaskStore]:
+    """The demo's synthetic scenes (64 px, 2-5 objects each) as a mask store."""
+    splits = generate_scenes(root / "scenes", n_images, 1, seed=0)
+    store, _ = import_coco(
+        splits["train"].annotations, root / "store", images_root=splits["train"].images_dir
+    )
+    return splits["train"].images_dir, store
+
+
+@torch.no_grad()
+def one_pass_model_rates(
+    backbone: ObjViT,
+    images_dir: Path,
+    store: MaskStore,
+    size: int,
+    batch: int,
+    device: str,
+    repeats: int,
+) -> tuple[float, float]:
+    """Objects/s of the model alone, (one pass per object, one pass per image), over the
+    store's object batches (decoded beforehand): per batch, the two take turns `repeats`
+    times and the fastest time of each counts."""
+    dataset = _ObjectInputs(
+        images_dir, list(store.images), store, "object", "masked", size, backbone.patch_size
+    )
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, collate_fn=_collate)
+    batches = [
+        (model_inputs(item["images"], size, device)[0], item["owner"], item["masks"].to(device))
+        for item in loader
+        if item["masks"] is not None
+    ]
+    seconds = {"per_object": 0.0, "one_pass": 0.0}
+    n_objects = 0
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda")):
+        images, owner, masks = batches[0]  # warm-up both
+        backbone(images[owner.to(device)][:1], obj_patch_mask=masks[:1])
+        one_pass_features(backbone, images, owner, masks)
+        for images, owner, masks in batches:
+            n_objects += len(owner)
+            fastest = {way: float("inf") for way in seconds}
+            for _ in range(repeats):
+                for way in seconds:
+                    sync(device)
+                    start = time.perf_counter()
+                    if way == "per_object":
+                        backbone(images[owner.to(device)], obj_patch_mask=masks)[:, 0]
+                    else:
+                        one_pass_features(backbone, images, owner, masks)
+                    sync(device)
+                    fastest[way] = min(fastest[way], time.perf_counter() - start)
+            for way in seconds:
+                seconds[way] += fastest[way]
+    return n_objects / seconds["per_object"], n_objects / seconds["one_pass"]
+
+
+def one_pass_table(options, device: str, size: int) -> Table:
+    """Objects/s per object vs one pass per image, for each store (see the docstring)."""
+    table = Table(
+        title=f"one pass per image vs per object, read-out model, {device} "
+        f"({'bf16' if 'cuda' in device else 'fp32'}), {size} px, batch {options.batch_size} "
+        "images (ratios only on a shared machine)"
+    )
+    for column in (
+        "arch", "store", "obj/image", "model obj/s per-object", "model obj/s one-pass",
+        "model speed-up", "embed obj/s per-object", "embed obj/s one-pass", "embed speed-up",
+        "goal (0.8 x obj/image)", "max |diff|",
+    ):
+        table.add_column(column, justify="right")
+    with tempfile.TemporaryDirectory() as tmp:
+        stores = {
+            "demo scenes": demo_scenes(Path(tmp) / "demo", options.n_images),
+            f"{options.masks_per_image} boxes/image": make_folder(
+                Path(tmp) / "many", max(1, options.n_images // 4), options.masks_per_image,
+                box_px=(20, 120),
+            ),
+        }
+        for arch in options.archs.split(","):
+            backbone = ObjViT(arch, img_size=size, drop_path_rate=0.0, obj_readout=True)
+            backbone = backbone.to(device).eval()
+            for name, (images_dir, store) in stores.items():
+                per_image = len(store.objects) / len(store.images)
+                model_per, model_one = one_pass_model_rates(
+                    backbone, images_dir, store, size, options.batch_size, device,
+                    options.repeats,
+                )
+                rates, features = {False: 0.0, True: 0.0}, {}
+                for _ in range(options.repeats):
+                    for one_pass in (False, True):
+                        start = time.perf_counter()
+                        result = embed(
+                            backbone, images_dir, store, image_size=size,
+                            batch_size=options.batch_size, device=device,
+                            workers=options.workers, decode_on=options.decode_on,
+                            one_pass=one_pass,
+                        )
+                        sync(device)
+                        rate = len(result.features) / (time.perf_counter() - start)
+                        rates[one_pass] = max(rates[one_pass], rate)
+                        features[one_pass] = result.features
+                difference = float(np.abs(features[True] - features[False]).max())
+                table.add_row(
+                    arch, name, f"{per_image:.1f}", f"{model_per:,.1f}", f"{model_one:,.1f}",
+                    f"{model_one / model_per:.1f}x", f"{rates[False]:,.1f}",
+                    f"{rates[True]:,.1f}", f"{rates[True] / rates[False]:.1f}x",
+                    f"{0.8 * per_image:.1f}x", f"{difference:.1e}",
+                )
+    return table
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--archs", default="vit_small,vit_base")
@@ -167,6 +298,19 @@ def main() -> None:
         choices=("auto", "loader", "device"),
         help="where whole-image JPEG inputs are decoded (auto: device on CUDA)",
     )
+    parser.add_argument(
+        "--one-pass",
+        default="off",
+        choices=("off", "both"),
+        help="both: compare one pass per object and per image (read-out model) instead",
+    )
+    parser.add_argument(
+        "--masks-per-image", type=int, default=40, help="objects per image of the --one-pass "
+        "both store of many masks (it has a quarter of --n-images images)"
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=2, help="--one-pass both: turns per way (fastest counts)"
+    )
     options = parser.parse_args()
     if options.quick:
         options.batch_size, options.n_images, options.iters = 8, 16, 2
@@ -175,6 +319,9 @@ def main() -> None:
     on_device = decode_on == "device"
 
     console = Console(width=160)
+    if options.one_pass == "both":
+        console.print(one_pass_table(options, device, size))
+        return
     table = Table(
         title=f"embed throughput on {device} ({'bf16' if 'cuda' in device else 'fp32'}"
         f"), {size} px, batch {options.batch_size} images, "

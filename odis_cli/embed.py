@@ -52,6 +52,15 @@ def embed(
     random_init: Annotated[
         bool, typer.Option(help="Baseline: the run's architecture at its initial weights.")
     ] = False,
+    one_pass: Annotated[
+        bool | None,
+        typer.Option(
+            "--one-pass/--no-one-pass",
+            help="Masked objects of an image in one forward (read-out models only; same "
+            "features, one pass per image instead of one per object).",
+            show_default="one-pass for --obj-readout runs",
+        ),
+    ] = None,
     viz: Annotated[
         int, typer.Option(help="Also draw [OBJ] attention and patch-PCA PNGs of this many "
                           "images into OUT/viz.")
@@ -63,7 +72,12 @@ def embed(
     `torchrun --nproc-per-node N -m odis_cli embed ...` (each rank writes its shards).
     """
     from odis_core.embed.backbones import load_backbone, weights_fingerprint
-    from odis_core.embed.inference import build_backbone, list_records, resolve_decode_on
+    from odis_core.embed.inference import (
+        build_backbone,
+        list_records,
+        resolve_decode_on,
+        resolve_one_pass,
+    )
     from odis_core.embed.shards import (
         EmbedFinished,
         EmbedSettings,
@@ -92,6 +106,7 @@ def embed(
                 raise ValueError("--random-init needs an odis run (its config and seed)")
             backbone = build_backbone(loaded.config)
             weights = weights_fingerprint(backbone.vit)
+        one_pass = resolve_one_pass(one_pass, backbone)
         store = read_store(masks) if masks is not None else None
         records = list_records(images, store, level, mode)
         rank, world_size, local_rank = distributed_rank()
@@ -104,11 +119,11 @@ def embed(
                                  resolve_decode_on(decode_on, device))
         info = {"backbone": loaded.name, "checkpoint": str(checkpoint), "level": level,
                 "mode": settings.mode, "random_init": random_init, "weights": weights,
-                "source": loaded.source, "precision": precision}
+                "source": loaded.source, "precision": precision, "one_pass": one_pass}
         events = embed_to_directory(backbone, images, records, store, out, settings, info,
                                     batch_size=batch_size, device=device, workers=workers,
                                     rank=rank, world_size=world_size, barrier=barrier,
-                                    precision=precision)
+                                    precision=precision, one_pass=one_pass)
         finished = None
         try:
             with make_progress() as progress:

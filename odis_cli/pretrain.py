@@ -179,6 +179,15 @@ def pretrain(
     feature: Annotated[
         str | None, typer.Option(help="obj, or meanpool (ablation: mean of object patches).")
     ] = None,
+    obj_readout: Annotated[
+        bool | None,
+        typer.Option(
+            "--obj-readout/--no-obj-readout",
+            help="Read-out [OBJ]: no token attends to the [OBJ] key (one-pass object "
+            "embedding; not the paper's model).",
+            show_default="no-obj-readout",
+        ),
+    ] = None,
     attention_impl: Annotated[
         str | None,
         typer.Option(
@@ -279,6 +288,7 @@ def pretrain(
             masked_attention=masked_attention,
             object_crops=object_crops,
             feature=feature,
+            obj_readout=obj_readout,
             attention_impl=attention_impl,
             augment_on=augment_on,
             grad_checkpointing=grad_checkpointing,

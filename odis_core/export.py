@@ -48,10 +48,13 @@ def export_teacher(checkpoint: Path | str, out: Path | str) -> dict[str, Any]:
         "format": "odis-teacher-backbone",
         "arch": backbone.arch,
         "timm_kwargs": json.dumps(kwargs),
+        # Read-out [OBJ] (issue 19): timm's weights are the same, the attention mask is not.
+        "obj_readout": json.dumps(bool(backbone.obj_readout)),
         "source": str(checkpoint),
     }
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(out) as handle:
         handle.write(save(state, metadata=metadata))
-    return {**metadata, "timm_kwargs": kwargs, "tensors": len(state)}
+    return {**metadata, "timm_kwargs": kwargs, "obj_readout": backbone.obj_readout,
+            "tensors": len(state)}

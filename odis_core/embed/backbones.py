@@ -156,9 +156,12 @@ def load_backbone(checkpoint: Path | str, arch: str | None = None) -> LoadedBack
     patch_size, image_size = _geometry(state, path)
     kwargs = json.loads(header["timm_kwargs"]) if "timm_kwargs" in header else {}
     overrides = {name: kwargs[name] for name in ARCH_OVERRIDES if name in kwargs}
+    # Exports of read-out runs say so in their header (odis_core/export.py).
+    obj_readout = json.loads(header.get("obj_readout", "false")) is True
     try:
         backbone = ObjViT(
-            arch, img_size=image_size, patch_size=patch_size, drop_path_rate=0.0, **overrides
+            arch, img_size=image_size, patch_size=patch_size, drop_path_rate=0.0,
+            obj_readout=obj_readout, **overrides,
         )
     except ValueError as error:
         raise CheckpointError(f"{path}: {error}") from None

@@ -8,6 +8,12 @@ Object level, one feature per object of the mask store:
 - "meanpool": mean of the final in-object patch tokens of an unmasked pass.
 Image level: one feature per image, the unmasked [OBJ] token (= plain [CLS] inference).
 
+One pass per image (`one_pass`, read-out models only, issue 19): the masked features of all
+objects of an image come from one forward with one read-out [OBJ] token per object (at most
+`max_objects_per_pass`; more objects take several passes). The patch stream of a read-out
+model never reads an [OBJ] key, so each feature equals that object's own pass (tested to
+fp32 tolerance); the paper's model gives no such guarantee, and one pass is refused there.
+
 The whole image is resized to a square `image_size` (no centre crop, which would cut
 objects at the border away); the object mask is patchified with the same rule as in
 training (a patch is in when the object covers at least half of it, always at least one).
@@ -40,6 +46,9 @@ from odis_core.train.loop import build_backbone_for, build_network
 LEVELS = ("object", "image")
 DECODE_ON = ("auto", "loader", "device")
 OBJECT_MODES = ("masked", "crop", "blackout", "meanpool")
+# Read-out [OBJ] tokens per forward row: a 224 px ViT/16 with 64 of them runs 260 tokens
+# instead of 197; images with more objects take several rows.
+MAX_OBJECTS_PER_PASS = 64
 
 
 @dataclass
@@ -184,6 +193,62 @@ def resolve_decode_on(decode_on: str, device: str) -> str:
     return decode_on
 
 
+def resolve_one_pass(one_pass: bool | None, backbone: ObjViT) -> bool:
+    """One pass per image: the default for read-out models, refused for the others (their
+    patch tokens attend to the [OBJ] key, so several objects in one pass would not be exact)."""
+    if one_pass is None:
+        return backbone.obj_readout
+    if one_pass and not backbone.obj_readout:
+        raise ValueError(
+            "--one-pass needs a read-out model (odis pretrain --obj-readout): in this one "
+            "the patches attend to the [OBJ] token, so objects cannot share a pass"
+        )
+    return one_pass
+
+
+def one_pass_slots(owner: list[int], cap: int) -> tuple[list[int], list[int], list[int]]:
+    """Forward rows for objects grouped by image: each row holds up to `cap` objects of one
+    image. owner: the image index of each object. Returns the image of each row, and the
+    row and slot (its [OBJ] token) of each object."""
+    row_images: list[int] = []
+    filled: list[int] = []
+    open_row: dict[int, int] = {}  # image -> its row still taking objects
+    rows, slots = [], []
+    for image in owner:
+        row = open_row.get(image)
+        if row is None or filled[row] == cap:
+            row = open_row[image] = len(row_images)
+            row_images.append(image)
+            filled.append(0)
+        rows.append(row)
+        slots.append(filled[row])
+        filled[row] += 1
+    return row_images, rows, slots
+
+
+def one_pass_features(
+    backbone: ObjViT,
+    images: torch.Tensor,
+    owner: torch.Tensor,
+    masks: torch.Tensor,
+    cap: int = MAX_OBJECTS_PER_PASS,
+) -> torch.Tensor:
+    """[OBJ] features (T, D) of T objects, all objects of an image in one forward row.
+
+    images (M, 3, H, W); owner (T,) int64, the image of each object; masks (T, N) bool.
+    Rows with fewer objects than the batch's widest row are padded with all-false masks
+    (a padding token sees only its own key, and no token sees it)."""
+    row_images, rows, slots = one_pass_slots(owner.tolist(), cap)
+    width = max(slots) + 1
+    rows_t = torch.tensor(rows, device=masks.device)
+    slots_t = torch.tensor(slots, device=masks.device)
+    row_masks = masks.new_zeros(len(row_images), width, masks.shape[1])
+    row_masks[rows_t, slots_t] = masks
+    inputs = images[torch.tensor(row_images, device=images.device)]
+    tokens = backbone(inputs, obj_patch_mask=row_masks)
+    return tokens[rows_t, slots_t]
+
+
 def _without_images(batch: dict[str, Any], failed: list[int]) -> dict[str, Any]:
     """`batch` without the objects of its `failed` inputs, each named in "skipped"."""
     keep = [k for k, owner in enumerate(batch["owner"].tolist()) if owner not in failed]
@@ -209,16 +274,23 @@ def batch_features(
     mode: str,
     device: str,
     precision: str = "fp32",
+    max_objects_per_pass: int | None = None,
 ) -> torch.Tensor:
     """(K, D) float32 features of one collated batch: `images` (M, 3, H, W) on `device`, per
     object the row of its image `owner` (K,) and its patch mask `masks` (K, N); `precision`
-    a resolved "bf16" or "fp32" (`odis_core.precision.resolve_precision`)."""
-    inputs = images[owner.to(device, non_blocking=True)]
+    a resolved "bf16" or "fp32" (`odis_core.precision.resolve_precision`).
+    `max_objects_per_pass` set: the objects of an image share one forward of a read-out
+    model (at most that many [OBJ] tokens per pass; `one_pass_features`)."""
     masks = masks.to(device, non_blocking=True)
     with autocast(device, precision):
-        if mode == "meanpool" and level == "object":
+        if max_objects_per_pass:
+            # One-pass rows index their own images: no per-object image copy is built.
+            feature = one_pass_features(backbone, images, owner, masks, max_objects_per_pass)
+        elif mode == "meanpool" and level == "object":
+            inputs = images[owner.to(device, non_blocking=True)]
             feature = meanpool_object(backbone(inputs)[:, 1:], masks)
         else:
+            inputs = images[owner.to(device, non_blocking=True)]
             feature = backbone(inputs, obj_patch_mask=masks)[:, 0]
     return feature.float()
 
@@ -254,6 +326,7 @@ def embed(
     progress: Callable[[int, int], None] | None = None,
     decode_on: str = "auto",
     precision: str = "auto",
+    one_pass: bool | None = None,
 ) -> EmbedResult:
     """Features for every object (level "object") or image (level "image").
 
@@ -263,7 +336,7 @@ def embed(
     """
     records = list_records(images_root, store, level, mode)
     return embed_records(backbone, images_root, records, store, level, mode, image_size,
-                         batch_size, device, workers, progress, decode_on, precision)
+                         batch_size, device, workers, progress, decode_on, precision, one_pass)
 
 
 def list_records(
@@ -297,6 +370,8 @@ def embed_records(
     progress: Callable[[int, int], None] | None = None,
     decode_on: str = "auto",
     precision: str = "auto",
+    one_pass: bool | None = None,
+    max_objects_per_pass: int = MAX_OBJECTS_PER_PASS,
 ) -> EmbedResult:
     """Features of the objects (or images) of `records`, in their order (see `embed`).
 
@@ -305,7 +380,10 @@ def embed_records(
 
     decode_on: "loader" (PIL in the loader), "device" (whole-image inputs of plain JPEGs
     decoded and resized on `device`, see `device_decode.py`), "auto" (device on CUDA).
+    one_pass: masked objects of an image share one forward (see the module docstring);
+    None = on for read-out models. Other modes and the image level are unaffected.
     """
+    shared_pass = resolve_one_pass(one_pass, backbone) and level == "object" and mode == "masked"
     on_device = resolve_decode_on(decode_on, device) == "device"
     dataset = _ObjectInputs(
         Path(images_root), records, store, level, mode, image_size, backbone.patch_size,
@@ -325,8 +403,10 @@ def embed_records(
                 batch = _without_images(batch, failed)
                 skipped += batch["skipped"][reported:]
         if batch["masks"] is not None:
-            feature = batch_features(backbone, images, batch["owner"], batch["masks"], level,
-                                     mode, device, precision)
+            feature = batch_features(
+                backbone, images, batch["owner"], batch["masks"], level, mode, device,
+                precision, max_objects_per_pass if shared_pass else None,
+            )
             features.append(feature.cpu())
             for row in batch["rows"]:
                 category = row.pop("category_id")

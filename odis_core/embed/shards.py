@@ -187,6 +187,7 @@ def embed_to_directory(
     world_size: int = 1,
     barrier: Callable[[], None] | None = None,
     precision: str = "auto",
+    one_pass: bool | None = None,
 ) -> Iterator[ShardDone | EmbedFinished]:
     """Embed `records` into the feature directory `out_dir`, resuming complete shards.
 
@@ -196,6 +197,7 @@ def embed_to_directory(
     `info` is provenance stored in info.json (backbone, checkpoint, ...); the settings are
     stored with it and compared on a re-run.
     `barrier` (several ranks) must return once every rank has finished its shards.
+    `one_pass` (see `embed_records`) changes the speed, not the features: not a setting.
     """
     out_dir = Path(out_dir)
     settings_dict = settings.as_dict()
@@ -230,6 +232,7 @@ def embed_to_directory(
             workers,
             decode_on=settings.decode,
             precision=precision,
+            one_pass=one_pass,
         )
         if result.features.shape[0] == 0:
             result.features = np.zeros((0, backbone.embed_dim), np.float32)

@@ -106,3 +106,75 @@ def split_block_forward(block: nn.Module, x: torch.Tensor, row_mask: torch.Tenso
     """timm `Block.forward` with `split_obj_attention` in place of the block's attention."""
     x = x + block.drop_path1(block.ls1(split_obj_attention(block.attn, block.norm1(x), row_mask)))
     return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+
+
+# Read-out [OBJ] tokens (issue 19): K [OBJ] tokens per image, each attending to its own key
+# and its object's patches; no row attends to any [OBJ] key, so the patch stream is the same
+# whichever objects are asked for (CaiT's class-attention tokens read patches the same way)
+# and K objects cost one pass of K + N tokens instead of K passes of 1 + N. Layout: tokens
+# 0..K-1 are the [OBJ] tokens, K.. the patches. A padding token (an image with fewer objects
+# than the batch's K) gets an all-false row: it sees its own key only, and no one sees it.
+
+
+def readout_attention_mask(obj_patch_masks: torch.Tensor) -> torch.Tensor:
+    """(B, K, N) bool object masks -> (B, 1, K + N, K + N) bool SDPA mask (True = attend):
+    [OBJ] row i sees key i and its object's patches; patch rows see the N patch keys only."""
+    batch, n_obj, n_patches = obj_patch_masks.shape
+    size = n_obj + n_patches
+    mask = torch.zeros(batch, size, size, dtype=torch.bool, device=obj_patch_masks.device)
+    mask[:, :n_obj, n_obj:] = obj_patch_masks
+    mask[:, n_obj:, n_obj:] = True
+    own = torch.arange(n_obj, device=obj_patch_masks.device)
+    mask[:, own, own] = True
+    return mask[:, None]
+
+
+def readout_rows_attention(
+    q_obj: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    obj_patch_masks: torch.Tensor,
+    scale: float,
+    dropout: float = 0.0,
+) -> torch.Tensor:
+    """The K read-out rows written out: q_obj (B, H, K, d), k and v (B, H, K + N, d),
+    obj_patch_masks (B, K, N) bool -> (B, H, K, d). Row i's keys: [OBJ]_i and its patches.
+    Softmax in float32, as in `obj_row_attention`."""
+    n_obj = q_obj.shape[2]
+    q_scaled = q_obj * scale
+    own = (q_scaled * k[:, :, :n_obj]).sum(dim=-1, keepdim=True)  # (B, H, K, 1)
+    to_patches = torch.matmul(q_scaled, k[:, :, n_obj:].transpose(-2, -1))  # (B, H, K, N)
+    to_patches = to_patches.float().masked_fill(~obj_patch_masks[:, None], float("-inf"))
+    logits = torch.cat([own.float(), to_patches], dim=-1)
+    weights = F.dropout(logits.softmax(dim=-1), p=dropout).to(v.dtype)
+    return weights[..., :1] * v[:, :, :n_obj] + torch.matmul(weights[..., 1:], v[:, :, n_obj:])
+
+
+def split_readout_attention(
+    attn: nn.Module, x: torch.Tensor, obj_patch_masks: torch.Tensor
+) -> torch.Tensor:
+    """timm `Attention.forward` for read-out tokens: unmasked SDPA over the N patch rows
+    and keys (flash on GPU), the K [OBJ] rows apart. x: (B, K + N, C) normalised tokens,
+    obj_patch_masks (B, K, N) bool. Equal to SDPA with `readout_attention_mask`."""
+    batch, n_tokens, _ = x.shape
+    n_obj = obj_patch_masks.shape[1]
+    qkv = attn.qkv(x).reshape(batch, n_tokens, 3, attn.num_heads, attn.head_dim)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, K + N, d)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    dropout = attn.attn_drop.p if attn.training else 0.0
+    patches = F.scaled_dot_product_attention(
+        q[:, :, n_obj:], k[:, :, n_obj:], v[:, :, n_obj:], dropout_p=dropout
+    )
+    objs = readout_rows_attention(q[:, :, :n_obj], k, v, obj_patch_masks, attn.scale, dropout)
+    out = torch.cat([objs, patches], dim=2).transpose(1, 2).reshape(batch, n_tokens, attn.attn_dim)
+    out = attn.norm(out)
+    return attn.proj_drop(attn.proj(out))
+
+
+def split_readout_block_forward(
+    block: nn.Module, x: torch.Tensor, obj_patch_masks: torch.Tensor
+) -> torch.Tensor:
+    """timm `Block.forward` with `split_readout_attention` in place of the block's attention."""
+    attended = split_readout_attention(block.attn, block.norm1(x), obj_patch_masks)
+    x = x + block.drop_path1(block.ls1(attended))
+    return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))

@@ -7,6 +7,11 @@ blocks, attention kernels, final norm — is timm's own code on timm's own weigh
 backbone exported from here loads into `timm.create_model` unchanged, and with an
 all-true mask the model computes exactly what timm computes (tested).
 
+Read-out variant (`obj_readout`, issue 19; off by default, the paper's model is the one
+above): no row attends to any [OBJ] key except each [OBJ] to its own, so the patch tokens
+never read the [OBJ] tokens and one image can carry K [OBJ] tokens, one per object, in one
+pass; each equals what a pass with that object alone gives (tested).
+
 iBOT's masked-image modelling needs one addition: a learnable mask token that replaces the
 embedding of masked patches before the position embedding is added (student only).
 
@@ -19,6 +24,9 @@ timm does ("timm", what the exported backbone does inside timm).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import timm
 import torch
 import torch.nn.functional as F
@@ -29,7 +37,9 @@ from odis_core.model.obj_attention import (
     ATTENTION_IMPLS,
     obj_attention_mask,
     obj_row_mask,
+    readout_attention_mask,
     split_block_forward,
+    split_readout_block_forward,
     supports_split_attention,
 )
 
@@ -70,6 +80,7 @@ class ObjViT(nn.Module):
         attention_impl: str = "auto",
         grad_checkpointing: bool = False,
         pos_embed_resample: str = "timm",
+        obj_readout: bool = False,
         **timm_kwargs,
     ) -> None:
         super().__init__()
@@ -111,6 +122,8 @@ class ObjViT(nn.Module):
         # Recompute each block's activations in the backward pass (ViT-L at batch >= 64 on
         # one 80 GB GPU): memory for about one extra forward.
         self.grad_checkpointing = grad_checkpointing
+        # Read-out [OBJ] tokens: every [OBJ] key hidden from every row but its own.
+        self.obj_readout = obj_readout
 
     def forward(
         self,
@@ -123,10 +136,13 @@ class ObjViT(nn.Module):
 
         images: (B, 3, H, W) normalised.
         obj_patch_mask: (B, N) bool, True where the [OBJ] row may attend; None = all patches.
+            Read-out models also take (B, K, N): K [OBJ] tokens, token i for object i; an
+            all-false row is padding (its output means nothing and affects nothing).
         mim_mask: (B, N) bool, True where the patch embedding is replaced by the mask token.
         force_masked_path: run the masked-attention kernel even for an all-true mask (the
             test that the mask path equals timm uses it).
-        Returns (B, 1 + N, D): token 0 is [OBJ], tokens 1.. the patches in raster order.
+        Returns (B, 1 + N, D): token 0 is [OBJ], tokens 1.. the patches in raster order
+        ((B, K + N, D) with K [OBJ] tokens first for a (B, K, N) read-out mask).
         """
         tokens = self.vit.patch_embed(images)  # (B, gh, gw, D): dynamic_img_size keeps the grid
         if mim_mask is not None:
@@ -135,6 +151,13 @@ class ObjViT(nn.Module):
         tokens = self._pos_embed(tokens)
         tokens = self.vit.patch_drop(tokens)
         tokens = self.vit.norm_pre(tokens)
+        if self.obj_readout:
+            return self.vit.norm(self._run_readout_blocks(tokens, obj_patch_mask))
+        if obj_patch_mask is not None and obj_patch_mask.ndim != 2:
+            raise ValueError(
+                "several [OBJ] tokens per image need obj_readout: otherwise every patch "
+                "would attend to every object's [OBJ] key"
+            )
         if obj_patch_mask is None or (
             not force_masked_path
             and self._impl_for(tokens) == "dense"
@@ -161,6 +184,23 @@ class ObjViT(nn.Module):
             return "split" if tokens.device.type == "cuda" else "dense"
         return self.attention_impl
 
+    def _run_readout_blocks(
+        self, tokens: torch.Tensor, obj_patch_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        batch, n_patches = tokens.shape[0], tokens.shape[1] - 1
+        if obj_patch_mask is None:  # the image-level pass: one [OBJ] over all patches
+            obj_patch_mask = tokens.new_ones(batch, 1, n_patches, dtype=torch.bool)
+        elif obj_patch_mask.ndim == 2:
+            obj_patch_mask = obj_patch_mask[:, None]
+        n_obj = obj_patch_mask.shape[1]
+        if n_obj > 1:  # every [OBJ] starts as the same token: class token + its position
+            tokens = torch.cat([tokens[:, :1].expand(-1, n_obj, -1), tokens[:, 1:]], dim=1)
+        if self._impl_for(tokens) == "split":
+            mask, forward = obj_patch_mask, split_readout_block_forward
+        else:
+            mask, forward = readout_attention_mask(obj_patch_mask), _dense_block
+        return self._apply_blocks(tokens, mask, forward)
+
     def _run_blocks(
         self, tokens: torch.Tensor, obj_patch_mask: torch.Tensor | None
     ) -> torch.Tensor:
@@ -170,6 +210,14 @@ class ObjViT(nn.Module):
             mask, forward = obj_row_mask(obj_patch_mask), split_block_forward
         else:
             mask, forward = obj_attention_mask(obj_patch_mask), _dense_block
+        return self._apply_blocks(tokens, mask, forward)
+
+    def _apply_blocks(
+        self,
+        tokens: torch.Tensor,
+        mask: torch.Tensor | None,
+        forward: Callable[[nn.Module, torch.Tensor, Any], torch.Tensor],
+    ) -> torch.Tensor:
         recompute = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.vit.blocks:
             if recompute:

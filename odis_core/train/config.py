@@ -47,6 +47,9 @@ class PretrainConfig:
     object_crops: bool = True
     feature: str = "obj"  # "obj" ([OBJ] token) or "meanpool" (mean of in-object patches)
     min_object_area: float = 0.0
+    # Read-out [OBJ] tokens (issue 19): no row attends to an [OBJ] key but its own, so
+    # inference embeds every object of an image in one pass. Off = the paper's model.
+    obj_readout: bool = False
 
     # Multi-crop (spec §3)
     global_size: int = 224

@@ -201,6 +201,7 @@ def build_backbone_for(
         attention_impl=config.attention_impl,
         grad_checkpointing=grad_checkpointing,
         pos_embed_resample=config.pos_embed_resample,
+        obj_readout=config.obj_readout,
         **overrides,
     )
 
