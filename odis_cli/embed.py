@@ -7,7 +7,8 @@ from typing import Annotated
 
 import typer
 
-from odis_cli.ui import cli_errors, console, make_progress
+from odis_cli.ui import WORKERS_SHOWN, cli_errors, console, make_progress
+from odis_core.cpus import default_workers
 
 DTYPES = ("float32", "float16")
 
@@ -20,7 +21,8 @@ def embed(
     images: Annotated[Path, typer.Option(help="Image folder.")],
     out: Annotated[Path, typer.Option(help="Feature directory to write.")],
     masks: Annotated[
-        Path | None, typer.Option(help="Mask store (needed at object level).")
+        Path | None,
+        typer.Option(help="Mask store (needed at object level).", show_default="none")
     ] = None,
     level: Annotated[str, typer.Option(help="object or image.")] = "object",
     mode: Annotated[
@@ -28,17 +30,21 @@ def embed(
     ] = "masked",
     arch: Annotated[
         str | None, typer.Option(help="timm architecture of a foreign checkpoint "
-                                 "(e.g. vit_base_patch16_224).")
+                                 "(e.g. vit_base_patch16_224).",
+                                 show_default="the checkpoint's own")
     ] = None,
     image_size: Annotated[
-        int | None, typer.Option(help="Input size (default: the checkpoint's native size).")
+        int | None,
+        typer.Option(help="Input size in px.", show_default="the checkpoint's native size")
     ] = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward batch.")] = 32,
     shard_size: Annotated[
         int, typer.Option(help="Images per shard: the unit written atomically and resumed.")
     ] = 1000,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    workers: Annotated[int, typer.Option(help="Data-loading processes.")] = 0,
+    workers: Annotated[
+        int, typer.Option(help="Data-loading processes.", show_default=WORKERS_SHOWN)
+    ] = default_workers(),
     decode_on: Annotated[
         str, typer.Option(help="Where whole-image inputs of plain JPEGs are decoded and "
                           "resized: loader (PIL), device (the GPU), or auto (device on CUDA).")

@@ -46,27 +46,35 @@ def knn(
     test: Annotated[Path, typer.Option(help="Feature directory of the queries.")],
     k: Annotated[str, typer.Option(help="Comma-separated neighbour counts.")] = "10,20,100,200",
     temperature: Annotated[float, typer.Option(help="Vote weight exp(sim / T).")] = 0.07,
-    json_out: Annotated[Path | None, typer.Option("--json", help="Write the report here.")]
-    = None,
+    json_out: Annotated[
+        Path | None,
+        typer.Option("--json", help="Write the report here.", show_default="not written"),
+    ] = None,
     backend: Annotated[
         str, typer.Option(help="auto (FAISS GPU, else torch GPU, else FAISS CPU), faiss or "
                           "torch (exact matmul + top-k).")
     ] = "auto",
     device: Annotated[
-        str | None, typer.Option(help="Device of the torch backend (default: cuda if seen).")
+        str | None,
+        typer.Option(help="Device of the torch backend.", show_default="cuda if seen, else cpu")
     ] = None,
     ivf: Annotated[
         int | None, typer.Option(help="Approximate search: a FAISS IVF index with this many "
-                                 "cells (for banks past GPU memory); recall@k is reported.")
+                                 "cells (for banks past GPU memory); recall@k is reported.",
+                                 show_default="exact search")
     ] = None,
     nprobe: Annotated[int, typer.Option(help="IVF cells visited per query.")] = 16,
     chunk_size: Annotated[int, typer.Option(help="Queries per search call (bounds memory).")]
     = 4096,
     confusion: Annotated[
-        Path | None, typer.Option(help="Write the confusion matrix (top-1) as a PNG here.")
+        Path | None,
+        typer.Option(help="Write the confusion matrix (top-1) as a PNG here.",
+                     show_default="not drawn")
     ] = None,
     confusion_k: Annotated[
-        int | None, typer.Option(help="k of the confusion matrix (default 20, else first k).")
+        int | None,
+        typer.Option(help="k of the confusion matrix.",
+                     show_default="20 if given, else the first k"),
     ] = None,
     allow_mismatch: Annotated[
         bool, typer.Option(help="Compare features of different backbones or levels anyway.")

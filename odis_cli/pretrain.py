@@ -12,7 +12,7 @@ import typer
 from rich.markup import escape
 from rich.progress import TextColumn
 
-from odis_cli.ui import cli_errors, console, make_progress
+from odis_cli.ui import WORKERS_SHOWN, cli_errors, console, make_progress
 from odis_core.train.config import PretrainConfig
 
 
@@ -103,7 +103,7 @@ def _default(name: str) -> str:
     that a --config file can set them; show_default shows the value they stand for."""
     value = getattr(_DEFAULTS, name)
     if name == "workers":
-        return f"min(8, CPUs) = {value}"
+        return WORKERS_SHOWN
     if isinstance(value, bool):
         flag = name.replace("_", "-")
         return flag if value else f"no-{flag}"
