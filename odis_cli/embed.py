@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.progress import TextColumn
 
 from odis_cli.ui import WORKERS_SHOWN, cli_errors, console, make_progress
 from odis_core.cpus import default_workers
@@ -69,12 +70,12 @@ def embed(
     from odis_core.embed.shards import (
         EmbedFinished,
         EmbedSettings,
-        ShardDone,
         close_distributed,
         distributed_rank,
         embed_to_directory,
         init_distributed,
         rank_device,
+        rank_image_count,
         records_fingerprint,
     )
     from odis_core.masks.store import read_store
@@ -105,18 +106,20 @@ def embed(
         info = {"backbone": loaded.name, "checkpoint": str(checkpoint), "level": level,
                 "mode": settings.mode, "random_init": random_init, "weights": weights,
                 "source": loaded.source}
-        events = embed_to_directory(backbone, images, records, store, out, settings, info,
-                                    batch_size=batch_size, device=device, workers=workers,
-                                    rank=rank, world_size=world_size, barrier=barrier)
         finished = None
         try:
-            with make_progress() as progress:
-                task = progress.add_task(f"embedding ({level}, {settings.mode})", total=None)
+            with make_progress(TextColumn("images")) as progress:
+                # Rank 0 draws its own shards' images: one in `world_size` of all of them.
+                total = rank_image_count(len(records), shard_size, rank, world_size)
+                task = progress.add_task(f"embedding ({level}, {settings.mode})", total=total)
+                events = embed_to_directory(
+                    backbone, images, records, store, out, settings, info,
+                    batch_size=batch_size, device=device, workers=workers, rank=rank,
+                    world_size=world_size, barrier=barrier,
+                    progress=lambda done: progress.update(task, completed=done),
+                )
                 for event in events:
-                    if isinstance(event, ShardDone):
-                        # Rank 0 sees its own shards: one in `world_size` of all of them.
-                        progress.update(task, total=event.n_shards, advance=world_size)
-                    elif isinstance(event, EmbedFinished):
+                    if isinstance(event, EmbedFinished):
                         finished = event
         finally:
             close_distributed()

@@ -13,8 +13,11 @@ from odis_cli.ui import cli_errors, console
 
 
 def knn_table(title: str, columns: dict[str, dict]) -> Table:
-    """columns: name -> KnnResult.to_json(); one row per k, top-1/top-5 per column."""
-    table = Table(title=title)
+    """columns: name -> KnnResult.to_json(); one row per k, top-1/top-5 per column.
+    Each line of `title` stays whole: rich wraps a title to the table's width, which split
+    the one-column table's title after a comma; the table is made as wide as its title."""
+    widest_line = max(len(line) for line in title.splitlines())
+    table = Table(title=title, min_width=widest_line + 4)
     table.add_column("k", justify="right")
     for name in columns:
         # Two header lines keep a two-network table inside 80 columns.
@@ -118,8 +121,8 @@ def knn(
                 result.confusion, [names.get(int(c), str(c)) for c in result.class_labels],
                 confusion, title=f"k-NN top-1 (k={result.confusion_k}, T={temperature})",
             )
-    title = (f"weighted k-NN (T={temperature}): {report['n_train']} train, "
-             f"{report['n_test']} test, {report['backend']}")
+    title = (f"weighted k-NN, T={temperature}\n"
+             f"{report['n_train']} train / {report['n_test']} test, {report['backend']}")
     console.print(knn_table(title, {"": report}))
     clamped = {key: used for key, used in result.effective_k.items() if used != key}
     if clamped:

@@ -88,3 +88,16 @@ def test_debug_after_the_command_shows_the_traceback():
     before = runner.invoke(app, ["--debug", "pretrain", "--config", "no-such-recipe",
                                  "--show-config"])
     assert isinstance(before.exception, ValueError)
+
+
+def test_knn_table_title_lines_stay_whole_at_80_columns():
+    from rich.console import Console
+
+    from odis_cli.knn import knn_table
+
+    report = {"results": {"20": {"top1": 71.3, "top5": 93.0}}}
+    console = Console(width=80, record=True)
+    title = "weighted k-NN, T=0.07\n50000 train / 10000 test, faiss"
+    console.print(knn_table(title, {"": report}))
+    text = console.export_text()
+    assert all(line in text for line in title.splitlines()), text
