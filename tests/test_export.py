@@ -99,6 +99,13 @@ def test_timm_local_dir_features_equal_odis_embed(tmp_path, images, config, arch
 
     theirs = timm_features(timm.data.create_transform(**data_config))
     assert cosine(theirs, ours).min() >= 0.999
+    # odis embed reads the export folder itself, too.
+    from_export = tmp_path / "features_from_export"
+    result = runner.invoke(app, ["embed", "--checkpoint", str(export_dir), "--images",
+                                 str(images), "--level", "image", "--out", str(from_export),
+                                 "--device", "cpu", "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    np.testing.assert_allclose(np.load(from_export / "features.npy"), ours, atol=1e-5)
     # The check can fail: timm's usual centre crop of the same model gives other features.
     centre_crop = timm.data.create_transform(
         input_size=data_config["input_size"], interpolation="bicubic",
