@@ -7,10 +7,11 @@ from typing import Annotated
 import typer
 
 from odis_cli import data, demo, embed, export, knn, masks, pretrain
-from odis_cli.ui import Settings
+from odis_cli.ui import OdisGroup, Settings
 
 app = typer.Typer(
     name="odis",
+    cls=OdisGroup,
     help="Object-level self-distillation (ODIS) pretraining of Vision Transformers.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -37,13 +38,13 @@ def _main(
     Settings.debug = debug
 
 
-app.add_typer(masks.app, name="masks")
+app.add_typer(masks.app, name="masks", cls=OdisGroup)
 app.command("pretrain")(pretrain.pretrain)
 app.command("export")(export.export)
 app.command("embed")(embed.embed)
 app.command("knn")(knn.knn)
 app.command("demo")(demo.demo)
-app.add_typer(data.app, name="data")
+app.add_typer(data.app, name="data", cls=OdisGroup)
 
 
 def main() -> None:

@@ -23,7 +23,7 @@ def _default(name: str) -> str:
 
     value = getattr(FashionSceneConfig(), name)
     shown = " ".join(str(v) for v in value) if isinstance(value, tuple) else value
-    return f" (default {shown})"
+    return str(shown)
 
 
 @scenes_app.command("fashion-mnist")
@@ -36,30 +36,36 @@ def fashion_mnist(
     test: Annotated[int, typer.Option(help="Test scenes (from test items only).")] = 1000,
     seed: Annotated[int, typer.Option(help="Seed; the same seed gives the same files.")] = 0,
     canvas_size: Annotated[
-        int | None, typer.Option(help=f"Scene side in px{_default('canvas_size')}.")
+        int | None,
+        typer.Option(help="Scene side in px.", show_default=_default("canvas_size")),
     ] = None,
     min_objects: Annotated[
-        int | None, typer.Option(help=f"Fewest items per scene{_default('min_objects')}.")
+        int | None,
+        typer.Option(help="Fewest items per scene.", show_default=_default("min_objects")),
     ] = None,
     max_objects: Annotated[
-        int | None, typer.Option(help=f"Most items per scene{_default('max_objects')}.")
+        int | None,
+        typer.Option(help="Most items per scene.", show_default=_default("max_objects")),
     ] = None,
     object_scale: Annotated[
         tuple[float, float] | None,
-        typer.Option(help=f"Item side / scene side, low high{_default('object_scale')}."),
+        typer.Option(help="Item side / scene side, low high.",
+                     show_default=_default("object_scale")),
     ] = None,
     background: Annotated[
         str | None,
-        typer.Option(help=f"texture, plain or black{_default('background')}."),
+        typer.Option(help="texture, plain or black.", show_default=_default("background")),
     ] = None,
     tint: Annotated[
         float | None,
-        typer.Option(help=f"Saturation of each item's random colour, 0 = grey{_default('tint')}."),
+        typer.Option(help="Saturation of each item's random colour, 0 = grey.",
+                     show_default=_default("tint")),
     ] = None,
     occlusion_limit: Annotated[
         float | None,
         typer.Option(
-            help=f"Most of an item's silhouette later items may cover{_default('occlusion_limit')}."
+            help="Most of an item's silhouette later items may cover.",
+            show_default=_default("occlusion_limit"),
         ),
     ] = None,
 ) -> None:

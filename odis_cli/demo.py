@@ -12,16 +12,29 @@ import typer
 
 from odis_cli.knn import knn_table
 from odis_cli.pretrain import run_training
-from odis_cli.ui import cli_errors, console, progress_callback
+from odis_cli.ui import WORKERS_SHOWN, cli_errors, console, progress_callback
+from odis_core.demo import DemoSettings
+
+_RECIPE = DemoSettings().pretrain  # configs/cpu-demo.json
 
 
 def demo(
     workdir: Annotated[Path, typer.Option(help="Directory for every artifact and demo.json.")]
     = Path("odis_demo"),
-    train_scenes: Annotated[int | None, typer.Option(help="Training scenes.")] = None,
-    test_scenes: Annotated[int | None, typer.Option(help="Test scenes.")] = None,
-    epochs: Annotated[int | None, typer.Option(help="Pretraining epochs.")] = None,
-    workers: Annotated[int | None, typer.Option(help="Data-loading processes.")] = None,
+    train_scenes: Annotated[
+        int | None, typer.Option(help="Training scenes.", show_default=str(DemoSettings.n_train))
+    ] = None,
+    test_scenes: Annotated[
+        int | None, typer.Option(help="Test scenes.", show_default=str(DemoSettings.n_test))
+    ] = None,
+    epochs: Annotated[
+        int | None,
+        typer.Option(help="Pretraining epochs.",
+                     show_default=f"{_RECIPE.epochs}, configs/cpu-demo.json's"),
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="Data-loading processes.", show_default=WORKERS_SHOWN)
+    ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     seed: Annotated[int, typer.Option(help="Seed of scenes, weights and crops.")] = 0,
 ) -> None:
@@ -29,7 +42,7 @@ def demo(
 
     Generates scenes, imports their masks, pretrains, embeds both networks and prints
     the k-NN table; every artifact and demo.json stay in --workdir."""
-    from odis_core.demo import DemoSettings, demo_summary, eval_every
+    from odis_core.demo import demo_summary, eval_every
     from odis_core.embed.features import write_features
     from odis_core.embed.inference import build_backbone, embed, load_teacher_backbone
     from odis_core.evaluate.knn import weighted_knn

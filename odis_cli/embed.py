@@ -6,8 +6,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.progress import TextColumn
 
-from odis_cli.ui import cli_errors, console, make_progress
+from odis_cli.ui import WORKERS_SHOWN, cli_errors, console, make_progress
+from odis_core.cpus import default_workers
 
 DTYPES = ("float32", "float16")
 
@@ -20,7 +22,8 @@ def embed(
     images: Annotated[Path, typer.Option(help="Image folder.")],
     out: Annotated[Path, typer.Option(help="Feature directory to write.")],
     masks: Annotated[
-        Path | None, typer.Option(help="Mask store (needed at object level).")
+        Path | None,
+        typer.Option(help="Mask store (needed at object level).", show_default="none")
     ] = None,
     level: Annotated[str, typer.Option(help="object or image.")] = "object",
     mode: Annotated[
@@ -28,17 +31,21 @@ def embed(
     ] = "masked",
     arch: Annotated[
         str | None, typer.Option(help="timm architecture of a foreign checkpoint "
-                                 "(e.g. vit_base_patch16_224).")
+                                 "(e.g. vit_base_patch16_224).",
+                                 show_default="the checkpoint's own")
     ] = None,
     image_size: Annotated[
-        int | None, typer.Option(help="Input size (default: the checkpoint's native size).")
+        int | None,
+        typer.Option(help="Input size in px.", show_default="the checkpoint's native size")
     ] = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward batch.")] = 32,
     shard_size: Annotated[
         int, typer.Option(help="Images per shard: the unit written atomically and resumed.")
     ] = 1000,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    workers: Annotated[int, typer.Option(help="Data-loading processes.")] = 0,
+    workers: Annotated[
+        int, typer.Option(help="Data-loading processes.", show_default=WORKERS_SHOWN)
+    ] = default_workers(),
     decode_on: Annotated[
         str, typer.Option(help="Where whole-image inputs of plain JPEGs are decoded and "
                           "resized: loader (PIL), device (the GPU), or auto (device on CUDA).")
@@ -81,12 +88,12 @@ def embed(
     from odis_core.embed.shards import (
         EmbedFinished,
         EmbedSettings,
-        ShardDone,
         close_distributed,
         distributed_rank,
         embed_to_directory,
         init_distributed,
         rank_device,
+        rank_image_count,
         records_fingerprint,
     )
     from odis_core.masks.store import read_store
@@ -120,19 +127,21 @@ def embed(
         info = {"backbone": loaded.name, "checkpoint": str(checkpoint), "level": level,
                 "mode": settings.mode, "random_init": random_init, "weights": weights,
                 "source": loaded.source, "precision": precision, "one_pass": one_pass}
-        events = embed_to_directory(backbone, images, records, store, out, settings, info,
-                                    batch_size=batch_size, device=device, workers=workers,
-                                    rank=rank, world_size=world_size, barrier=barrier,
-                                    precision=precision, one_pass=one_pass)
         finished = None
         try:
-            with make_progress() as progress:
-                task = progress.add_task(f"embedding ({level}, {settings.mode})", total=None)
+            with make_progress(TextColumn("images")) as progress:
+                # Rank 0 draws its own shards' images: one in `world_size` of all of them.
+                total = rank_image_count(len(records), shard_size, rank, world_size)
+                task = progress.add_task(f"embedding ({level}, {settings.mode})", total=total)
+                events = embed_to_directory(
+                    backbone, images, records, store, out, settings, info,
+                    batch_size=batch_size, device=device, workers=workers, rank=rank,
+                    world_size=world_size, barrier=barrier, precision=precision,
+                    one_pass=one_pass,
+                    progress=lambda done: progress.update(task, completed=done),
+                )
                 for event in events:
-                    if isinstance(event, ShardDone):
-                        # Rank 0 sees its own shards: one in `world_size` of all of them.
-                        progress.update(task, total=event.n_shards, advance=world_size)
-                    elif isinstance(event, EmbedFinished):
+                    if isinstance(event, EmbedFinished):
                         finished = event
         finally:
             close_distributed()

@@ -13,8 +13,11 @@ from odis_cli.ui import cli_errors, console
 
 
 def knn_table(title: str, columns: dict[str, dict]) -> Table:
-    """columns: name -> KnnResult.to_json(); one row per k, top-1/top-5 per column."""
-    table = Table(title=title)
+    """columns: name -> KnnResult.to_json(); one row per k, top-1/top-5 per column.
+    Each line of `title` stays whole: rich wraps a title to the table's width, which split
+    the one-column table's title after a comma; the table is made as wide as its title."""
+    widest_line = max(len(line) for line in title.splitlines())
+    table = Table(title=title, min_width=widest_line + 4)
     table.add_column("k", justify="right")
     for name in columns:
         # Two header lines keep a two-network table inside 80 columns.
@@ -46,27 +49,35 @@ def knn(
     test: Annotated[Path, typer.Option(help="Feature directory of the queries.")],
     k: Annotated[str, typer.Option(help="Comma-separated neighbour counts.")] = "10,20,100,200",
     temperature: Annotated[float, typer.Option(help="Vote weight exp(sim / T).")] = 0.07,
-    json_out: Annotated[Path | None, typer.Option("--json", help="Write the report here.")]
-    = None,
+    json_out: Annotated[
+        Path | None,
+        typer.Option("--json", help="Write the report here.", show_default="not written"),
+    ] = None,
     backend: Annotated[
         str, typer.Option(help="auto (FAISS GPU, else torch GPU, else FAISS CPU), faiss or "
                           "torch (exact matmul + top-k).")
     ] = "auto",
     device: Annotated[
-        str | None, typer.Option(help="Device of the torch backend (default: cuda if seen).")
+        str | None,
+        typer.Option(help="Device of the torch backend.", show_default="cuda if seen, else cpu")
     ] = None,
     ivf: Annotated[
         int | None, typer.Option(help="Approximate search: a FAISS IVF index with this many "
-                                 "cells (for banks past GPU memory); recall@k is reported.")
+                                 "cells (for banks past GPU memory); recall@k is reported.",
+                                 show_default="exact search")
     ] = None,
     nprobe: Annotated[int, typer.Option(help="IVF cells visited per query.")] = 16,
     chunk_size: Annotated[int, typer.Option(help="Queries per search call (bounds memory).")]
     = 4096,
     confusion: Annotated[
-        Path | None, typer.Option(help="Write the confusion matrix (top-1) as a PNG here.")
+        Path | None,
+        typer.Option(help="Write the confusion matrix (top-1) as a PNG here.",
+                     show_default="not drawn")
     ] = None,
     confusion_k: Annotated[
-        int | None, typer.Option(help="k of the confusion matrix (default 20, else first k).")
+        int | None,
+        typer.Option(help="k of the confusion matrix.",
+                     show_default="20 if given, else the first k"),
     ] = None,
     allow_mismatch: Annotated[
         bool, typer.Option(help="Compare features of different backbones or levels anyway.")
@@ -110,8 +121,8 @@ def knn(
                 result.confusion, [names.get(int(c), str(c)) for c in result.class_labels],
                 confusion, title=f"k-NN top-1 (k={result.confusion_k}, T={temperature})",
             )
-    title = (f"weighted k-NN (T={temperature}): {report['n_train']} train, "
-             f"{report['n_test']} test, {report['backend']}")
+    title = (f"weighted k-NN, T={temperature}\n"
+             f"{report['n_train']} train / {report['n_test']} test, {report['backend']}")
     console.print(knn_table(title, {"": report}))
     clamped = {key: used for key, used in result.effective_k.items() if used != key}
     if clamped:

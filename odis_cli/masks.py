@@ -26,6 +26,24 @@ def _summary_table(title: str, rows: dict[str, Any]) -> Table:
     return table
 
 
+# segment-anything 1.0's SamAutomaticMaskGenerator defaults, shown in --help; only the
+# settings a user passes reach SAM (tests/cli/test_cli_help.py checks these match SAM's).
+SAM_GENERATOR_DEFAULTS = {
+    "points_per_side": 32,
+    "points_per_batch": 64,
+    "pred_iou_thresh": 0.88,
+    "stability_score_thresh": 0.95,
+    "box_nms_thresh": 0.7,
+    "crop_n_layers": 0,
+    "min_mask_region_area": 0,
+}
+
+
+def _sam_option(name: str, help: str) -> Any:
+    return typer.Option(help=f"{help} (SAM generator setting)",
+                        show_default=f"SAM's {SAM_GENERATOR_DEFAULTS[name]}")
+
+
 @app.command("coco")
 def coco(
     images: Annotated[Path, typer.Option(help="Image folder the annotation file names refer to.")],
@@ -33,7 +51,9 @@ def coco(
     out: Annotated[Path, typer.Option(help="Mask store directory to write.")],
     min_area: Annotated[float, typer.Option(help="Drop objects smaller than this (pixels).")] = 0.0,
     max_objects: Annotated[
-        int | None, typer.Option(help="Keep at most this many objects per image, largest first.")
+        int | None,
+        typer.Option(help="Keep at most this many objects per image, largest first.",
+                     show_default="all"),
     ] = None,
 ) -> None:
     """Import ground-truth objects (polygons, RLE, boxes) from a COCO instances file."""
@@ -56,26 +76,43 @@ def sam(
     out: Annotated[Path, typer.Option(help="Mask store directory to write.")],
     model_type: Annotated[str, typer.Option(help="SAM architecture: vit_b, vit_l or vit_h.")],
     max_masks: Annotated[
-        int | None, typer.Option(help="Keep the best K masks per image (IoU x stability).")
+        int | None,
+        typer.Option(help="Keep the best K masks per image (IoU x stability).",
+                     show_default="all"),
     ] = None,
     min_area: Annotated[float, typer.Option(help="Drop masks smaller than this (pixels).")] = 0.0,
-    device: Annotated[str, typer.Option(help="cpu or cuda (default: cuda when present).")] = "auto",
-    points_per_side: Annotated[int | None, typer.Option(help="SAM generator setting.")] = None,
-    points_per_batch: Annotated[int | None, typer.Option(help="SAM generator setting.")] = None,
-    pred_iou_thresh: Annotated[float | None, typer.Option(help="SAM generator setting.")] = None,
-    stability_score_thresh: Annotated[
-        float | None, typer.Option(help="SAM generator setting.")
+    device: Annotated[
+        str, typer.Option(help="auto (cuda when present), cpu or cuda.")
+    ] = "auto",
+    points_per_side: Annotated[
+        int | None, _sam_option("points_per_side", "Point grid side of the generator.")
     ] = None,
-    box_nms_thresh: Annotated[float | None, typer.Option(help="SAM generator setting.")] = None,
-    crop_n_layers: Annotated[int | None, typer.Option(help="SAM generator setting.")] = None,
+    points_per_batch: Annotated[
+        int | None, _sam_option("points_per_batch", "Points the mask decoder takes at once.")
+    ] = None,
+    pred_iou_thresh: Annotated[
+        float | None, _sam_option("pred_iou_thresh", "Keep masks of predicted IoU above this.")
+    ] = None,
+    stability_score_thresh: Annotated[
+        float | None,
+        _sam_option("stability_score_thresh", "Keep masks of stability score above this."),
+    ] = None,
+    box_nms_thresh: Annotated[
+        float | None, _sam_option("box_nms_thresh", "Box IoU of non-maximum suppression.")
+    ] = None,
+    crop_n_layers: Annotated[
+        int | None, _sam_option("crop_n_layers", "Layers of image crops also segmented.")
+    ] = None,
     min_mask_region_area: Annotated[
-        int | None, typer.Option(help="SAM generator setting (needs opencv).")
+        int | None,
+        _sam_option("min_mask_region_area", "Remove islands and holes below this (needs "
+                    "opencv)."),
     ] = None,
     shard: Annotated[
         str | None,
         typer.Option(help="I/N: segment every N-th image from the I-th (0-based); the last "
                      "shard to finish writes the store. 'auto': I and N from torchrun "
-                     "(RANK/WORLD_SIZE) or a Slurm array."),
+                     "(RANK/WORLD_SIZE) or a Slurm array.", show_default="the whole folder"),
     ] = None,
     batch_size: Annotated[
         int, typer.Option(help="Images per SAM image-encoder pass (same masks, faster on GPU).")
@@ -157,8 +194,10 @@ def _parse_shard(text: str) -> tuple[int, int]:
 @app.command("stats")
 def stats(
     store: Annotated[Path, typer.Argument(help="Mask store directory.")],
-    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the figures here.")]
-    = None,
+    json_out: Annotated[
+        Path | None,
+        typer.Option("--json", help="Also write the figures here.", show_default="not written"),
+    ] = None,
 ) -> None:
     """Objects per image, areas, and images without objects (they train on the whole image)."""
     from odis_core.masks.stats import store_statistics
@@ -178,7 +217,8 @@ def show(
     image: Annotated[str, typer.Option(help="File name of the image, as the store lists it.")],
     out: Annotated[Path, typer.Option(help="PNG to write.")],
     images: Annotated[
-        Path | None, typer.Option(help="Image folder (default: the one the store records).")
+        Path | None,
+        typer.Option(help="Image folder.", show_default="the one the store records"),
     ] = None,
 ) -> None:
     """Draw an image with its objects' masks, boxes and labels into a PNG."""

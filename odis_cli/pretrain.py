@@ -12,7 +12,7 @@ import typer
 from rich.markup import escape
 from rich.progress import TextColumn
 
-from odis_cli.ui import cli_errors, console, make_progress
+from odis_cli.ui import WORKERS_SHOWN, cli_errors, console, make_progress
 from odis_core.train.config import PretrainConfig
 
 
@@ -86,6 +86,25 @@ def run_training(events, description: str = "pretraining") -> dict:
     return report
 
 
+def print_config(config: PretrainConfig, source: str | None) -> None:
+    """Every key of the resolved configuration: value, default and meaning (non-default
+    values highlighted)."""
+    from rich.table import Table
+
+    from odis_core.train.recipes import config_rows, resolve_config
+
+    origin = f"--config {source} ({resolve_config(source)})" if source else "defaults"
+    table = Table(title=f"odis pretrain: resolved options from {origin} and the command line",
+                  title_justify="left")
+    for column in ("key", "value", "default", "meaning"):
+        table.add_column(column, overflow="fold")
+    for key, value, default, meaning in config_rows(config):
+        style = "bold yellow" if value != default else ""
+        table.add_row(key, escape(repr(value)), escape(repr(default)), escape(meaning),
+                      style=style)
+    console.print(table)
+
+
 def _is_main_rank() -> bool:
     # Before the process group exists (it is created inside the run), torchrun's RANK says.
     return os.environ.get("RANK", "0") == "0"
@@ -95,35 +114,68 @@ _DEFAULTS = PretrainConfig()
 
 
 def _default(name: str) -> str:
-    # Options default to None so a --config file can set them; show the real default here.
-    return f" (default {getattr(_DEFAULTS, name)})"
+    """PretrainConfig's default of `name` as --help shows it. Options default to None so
+    that a --config file can set them; show_default shows the value they stand for."""
+    value = getattr(_DEFAULTS, name)
+    if name == "workers":
+        return WORKERS_SHOWN
+    if isinstance(value, bool):
+        flag = name.replace("_", "-")
+        return flag if value else f"no-{flag}"
+    if isinstance(value, tuple):
+        return " ".join(str(item) for item in value)
+    return str(value)
+
+
+def _option(name: str, help: str, **kwargs) -> typer.models.OptionInfo:
+    return typer.Option(help=help, show_default=_default(name), **kwargs)
+
+
+def _flag(name: str, help: str) -> typer.models.OptionInfo:
+    flag = name.replace("_", "-")
+    return typer.Option(f"--{flag}/--no-{flag}", help=help, show_default=_default(name))
 
 
 def pretrain(
-    masks: Annotated[Path, typer.Option(help="Mask store (from `odis masks`).")],
-    out: Annotated[Path, typer.Option(help="Run directory: checkpoint, config, metrics.")],
+    masks: Annotated[
+        Path | None,
+        typer.Option(help="Mask store (from `odis masks`).",
+                     show_default="required, except with --show-config"),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Run directory: checkpoint, config, metrics.",
+                     show_default="required, except with --show-config"),
+    ] = None,
     images: Annotated[
-        Path | None, typer.Option(help="Image folder (default: the store's image folder).")
+        Path | None, typer.Option(help="Image folder.", show_default="the store's image folder")
     ] = None,
     config: Annotated[
-        Path | None, typer.Option(help="JSON file of options; command-line options win.")
-    ] = None,
-    arch: Annotated[
         str | None,
         typer.Option(
-            help=f"vit_tiny, vit_small, vit_base, vit_large or a timm vit_* name{_default('arch')}."
+            help="JSON file of options, or the name of a recipe in configs/ (cpu-demo, "
+            "vit_small-ibot, vit_base-ibot, vit_large-ibot, ...); command-line options win.",
+            show_default="PretrainConfig's defaults",
         ),
     ] = None,
-    objective: Annotated[
-        str | None, typer.Option(help=f"odis, or image (plain iBOT){_default('objective')}.")
+    show_config: Annotated[
+        bool,
+        typer.Option(help="Print every resolved option with its default and meaning; "
+                     "train nothing."),
+    ] = False,
+    arch: Annotated[
+        str | None,
+        _option("arch", "vit_tiny, vit_small, vit_base, vit_large or a timm vit_* name."),
     ] = None,
-    epochs: Annotated[
-        int | None, typer.Option(help=f"Epochs; schedules span them{_default('epochs')}.")
+    depth: Annotated[
+        int | None, typer.Option(help="Transformer blocks.", show_default="the architecture's")
     ] = None,
+    objective: Annotated[str | None, _option("objective", "odis, or image (plain iBOT).")] = None,
+    epochs: Annotated[int | None, _option("epochs", "Epochs; schedules span them.")] = None,
     max_steps: Annotated[
         int | None,
         typer.Option(help="Stop after this many steps (the schedules keep their length: see "
-                     "--steps)."),
+                     "--steps).", show_default="all epochs"),
     ] = None,
     steps: Annotated[
         int | None,
@@ -134,50 +186,50 @@ def pretrain(
         ),
     ] = None,
     batch_size: Annotated[
-        int | None, typer.Option(help=f"Images per step per process{_default('batch_size')}.")
+        int | None, _option("batch_size", "Images per step per process.")
     ] = None,
-    lr: Annotated[
-        float | None, typer.Option(help=f"Base LR for a batch of 256{_default('lr')}.")
+    lr: Annotated[float | None, _option("lr", "Base LR for a total batch of 256.")] = None,
+    warmup_epochs: Annotated[
+        int | None, _option("warmup_epochs", "Epochs of linear LR warm-up.")
     ] = None,
-    seed: Annotated[
-        int | None, typer.Option(help=f"Seed of weights, crops and data order{_default('seed')}.")
+    teacher_temp: Annotated[
+        float | None, _option("teacher_temp", "Teacher [OBJ] temperature after its warm-up.")
     ] = None,
-    device: Annotated[
-        str | None, typer.Option(help=f"auto, cpu or cuda{_default('device')}.")
+    momentum_teacher: Annotated[
+        float | None, _option("momentum_teacher", "Teacher EMA momentum at the start (to 1).")
     ] = None,
-    workers: Annotated[
-        int | None, typer.Option(help=f"Data-loading processes{_default('workers')}.")
-    ] = None,
+    seed: Annotated[int | None, _option("seed", "Seed of weights, crops and data order.")] = None,
+    device: Annotated[str | None, _option("device", "auto, cpu or cuda.")] = None,
+    workers: Annotated[int | None, _option("workers", "Data-loading processes.")] = None,
     save_every: Annotated[
-        int | None, typer.Option(help="Also checkpoint every N steps (always at epoch ends).")
+        int | None,
+        typer.Option(help="Also checkpoint every N steps.", show_default="at epoch ends only"),
     ] = None,
-    patch_size: Annotated[
-        int | None, typer.Option(help=f"ViT patch size{_default('patch_size')}.")
-    ] = None,
+    patch_size: Annotated[int | None, _option("patch_size", "ViT patch size in px.")] = None,
     global_size: Annotated[
-        int | None, typer.Option(help=f"Global crop size in px{_default('global_size')}.")
+        int | None, _option("global_size", "Global crop size in px.")
     ] = None,
-    local_size: Annotated[
-        int | None, typer.Option(help=f"Local crop size in px{_default('local_size')}.")
+    local_size: Annotated[int | None, _option("local_size", "Local crop size in px.")] = None,
+    global_scale: Annotated[
+        tuple[float, float] | None,
+        _option("global_scale", "Area range of global crops (fraction of the image)."),
+    ] = None,
+    local_scale: Annotated[
+        tuple[float, float] | None,
+        _option("local_scale", "Area range of local crops (fraction of the image)."),
     ] = None,
     n_local_crops: Annotated[
-        int | None, typer.Option(help=f"Local crops per image{_default('n_local_crops')}.")
+        int | None, _option("n_local_crops", "Local crops per image.")
     ] = None,
-    out_dim: Annotated[
-        int | None, typer.Option(help=f"Head output dimension{_default('out_dim')}.")
-    ] = None,
+    out_dim: Annotated[int | None, _option("out_dim", "Head output dimension.")] = None,
     masked_attention: Annotated[
-        bool | None,
-        typer.Option(
-            "--masked-attention/--no-masked-attention", help="Ablation: unmasked [OBJ] attention."
-        ),
+        bool | None, _flag("masked_attention", "Ablation: unmasked [OBJ] attention.")
     ] = None,
     object_crops: Annotated[
-        bool | None,
-        typer.Option("--object-crops/--no-object-crops", help="Ablation: plain random crops."),
+        bool | None, _flag("object_crops", "Ablation: plain random crops.")
     ] = None,
     feature: Annotated[
-        str | None, typer.Option(help="obj, or meanpool (ablation: mean of object patches).")
+        str | None, _option("feature", "obj, or meanpool (ablation: mean of object patches).")
     ] = None,
     obj_readout: Annotated[
         bool | None,
@@ -190,36 +242,32 @@ def pretrain(
     ] = None,
     attention_impl: Annotated[
         str | None,
-        typer.Option(
-            help="split (unmasked flash attention + the masked [OBJ] row apart), dense (one "
-            f"SDPA with a full mask) or auto (split on GPU){_default('attention_impl')}."
+        _option(
+            "attention_impl",
+            "split (unmasked flash attention + the masked [OBJ] row apart), dense (one SDPA "
+            "with a full mask) or auto (split on GPU).",
         ),
     ] = None,
     augment_on: Annotated[
         str | None,
-        typer.Option(
-            help="Where views are resized and colour-augmented: loader (PIL in the workers), "
-            f"device (batched on the GPU; workers only decode and draw crops) or auto (device "
-            f"on CUDA){_default('augment_on')}."
+        _option(
+            "augment_on",
+            "Where views are resized and colour-augmented: loader (PIL in the workers), device "
+            "(batched on the GPU; workers only decode and draw crops) or auto (device on CUDA).",
         ),
     ] = None,
     grad_checkpointing: Annotated[
         bool | None,
-        typer.Option(
-            "--grad-checkpointing/--no-grad-checkpointing",
-            help="Recompute block activations in backward (less memory, ~1 more forward).",
-        ),
+        _flag("grad_checkpointing",
+              "Recompute block activations in backward (less memory, ~1 more forward)."),
     ] = None,
     compile: Annotated[
-        bool | None,
-        typer.Option("--compile/--no-compile", help="torch.compile the student and teacher."),
+        bool | None, _flag("compile", "torch.compile the student and teacher.")
     ] = None,
     deterministic: Annotated[
         bool | None,
-        typer.Option(
-            "--deterministic/--no-deterministic",
-            help="torch.use_deterministic_algorithms (bitwise-repeatable GPU runs, slower).",
-        ),
+        _flag("deterministic",
+              "torch.use_deterministic_algorithms (bitwise-repeatable GPU runs, slower)."),
     ] = None,
     precision: Annotated[
         str | None,
@@ -230,8 +278,7 @@ def pretrain(
         ),
     ] = None,
     tensorboard: Annotated[
-        bool | None,
-        typer.Option("--tensorboard/--no-tensorboard", help="Event files in RUN_DIR/tensorboard."),
+        bool | None, _flag("tensorboard", "Event files in RUN_DIR/tensorboard.")
     ] = None,
     eval_masks: Annotated[
         Path | None,
@@ -263,19 +310,23 @@ def pretrain(
 ) -> None:
     """Pretrain a ViT with object-level self-distillation (--objective image: plain iBOT)."""
     from odis_core.masks.store import read_store
-    from odis_core.train.config import load_config_file
     from odis_core.train.loop import pretrain as run_pretrain
+    from odis_core.train.recipes import load_recipe
 
     overrides = {
         name: value
         for name, value in dict(
             arch=arch,
+            depth=depth,
             objective=objective,
             epochs=epochs,
             max_steps=max_steps,
             steps=steps,
             batch_size=batch_size,
             lr=lr,
+            warmup_epochs=warmup_epochs,
+            teacher_temp=teacher_temp,
+            momentum_teacher=momentum_teacher,
             seed=seed,
             device=device,
             workers=workers,
@@ -283,6 +334,8 @@ def pretrain(
             patch_size=patch_size,
             global_size=global_size,
             local_size=local_size,
+            global_scale=global_scale,
+            local_scale=local_scale,
             n_local_crops=n_local_crops,
             out_dim=out_dim,
             masked_attention=masked_attention,
@@ -305,8 +358,14 @@ def pretrain(
         if value is not None
     }
     with cli_errors():
-        base = load_config_file(config) if config is not None else PretrainConfig()
+        base = load_recipe(config) if config is not None else PretrainConfig()
         run_config = dataclasses.replace(base, **overrides)
+        if show_config:
+            print_config(run_config.resolved(), config)
+            return
+        for name, value in (("--masks", masks), ("--out", out)):
+            if value is None:
+                raise ValueError(f"missing option {name} (needed to train)")
         store = read_store(masks)
         images_root = images or (Path(store.images_root) if store.images_root else None)
         if images_root is None:

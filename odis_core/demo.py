@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from odis_core.train.config import PretrainConfig
+from odis_core.train.recipes import load_recipe
 
 
 @dataclass
@@ -27,33 +28,9 @@ class DemoSettings:
     # queries): evaluated at step 0 and `evaluations` times more, on at most this many objects.
     evaluations: int = 6
     eval_max_objects: int = 400
-    pretrain: PretrainConfig = field(
-        default_factory=lambda: PretrainConfig(
-            arch="vit_tiny",
-            depth=4,
-            patch_size=8,
-            drop_path=0.0,
-            out_dim=1024,
-            head_hidden_dim=512,
-            global_size=64,
-            local_size=32,
-            n_local_crops=4,
-            local_scale=(0.1, 0.4),
-            global_scale=(0.35, 1.0),
-            min_patches_per_block=4,
-            epochs=12,
-            batch_size=32,
-            # Tuned on the demo scenes (seed 0): base LR 1e-3 -> 76 % k-NN top-1, 4e-3 -> 78 %,
-            # plus iBOT's code-default teacher temperature 0.04 (not the ViT-S recipe's
-            # 0.07) -> 79 %; 1e-2 and a 256-way head did not do better.
-            lr=4e-3,
-            teacher_temp=0.04,
-            warmup_epochs=1,
-            warmup_teacher_temp_epochs=2,
-            momentum_teacher=0.99,
-            workers=2,
-        )
-    )
+    # configs/cpu-demo.json: the one source of the demo's recipe, with the reason for
+    # each choice (`odis pretrain --config cpu-demo` trains the same network).
+    pretrain: PretrainConfig = field(default_factory=lambda: load_recipe("cpu-demo"))
 
     def scaled(self, n_train: int, n_test: int, epochs: int) -> DemoSettings:
         """The same demo at another size (the test suite runs a tiny one)."""

@@ -18,6 +18,7 @@ from odis_core.embed.shards import (
     EmbedSettings,
     ShardDone,
     embed_to_directory,
+    rank_image_count,
     records_fingerprint,
 )
 from odis_core.embed.viz import obj_attention, pca_rgb, write_viz
@@ -47,7 +48,8 @@ def tiny_backbone(seed=0):
 
 
 def run_to_end(
-    out, images, store, shard_size=3, rank=0, world_size=1, backbone=None, decode="loader"
+    out, images, store, shard_size=3, rank=0, world_size=1, backbone=None, decode="loader",
+    progress=None,
 ):
     backbone = backbone or tiny_backbone()
     records = list_records(images, store, "object", "masked")
@@ -74,6 +76,7 @@ def run_to_end(
             batch_size=2,
             rank=rank,
             world_size=world_size,
+            progress=progress,
         )
     )
 
@@ -92,6 +95,19 @@ def test_sharded_run_equals_one_pass_and_cleans_up(tmp_path, scenes):
     assert not (tmp_path / "feat" / "shards").exists()
     # numpy reads the streamed features.npy on its own.
     assert np.load(tmp_path / "feat" / "features.npy").shape == whole.features.shape
+
+
+def test_progress_counts_images_of_this_rank_resumed_shards_included(tmp_path, scenes):
+    images, store = scenes
+    n_images = len(list_records(images, store, "object", "masked"))
+    assert rank_image_count(n_images, 3, 0, 2) == 3 + 3  # shards 0 and 2 of 0..3
+    seen = []
+    run_to_end(tmp_path / "feat", images, store, rank=0, world_size=2, progress=seen.append)
+    # Batches of 2 within shards of 3: the bar moves per batch, in images, not per shard.
+    assert seen == [2, 3, 5, 6]
+    seen.clear()
+    run_to_end(tmp_path / "feat", images, store, progress=seen.append)
+    assert seen[0] == 3 and seen == sorted(seen) and seen[-1] == n_images == 10
 
 
 def test_resume_skips_finished_shards_and_redoes_partial_ones(tmp_path, scenes):

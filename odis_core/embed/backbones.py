@@ -3,7 +3,7 @@
 Accepted files:
 - an odis run directory or `checkpoint.pt` (the teacher backbone, architecture from its
   config);
-- an `odis export` safetensors file (architecture from its header);
+- an `odis export` safetensors file or folder (architecture from its header);
 - any other state dict, .pth or .safetensors — timm, DINO, iBOT, DeiT: give its timm
   architecture (`arch`). The state dict may sit under "teacher", "state_dict", "model" or
   "module"; wrapper prefixes (`module.`, `backbone.`, `vit.`) are stripped once, heads are
@@ -28,6 +28,7 @@ import torch
 from odis_core.model.obj_vit import ObjViT
 from odis_core.train.checkpoint import (
     CHECKPOINT_FORMAT,
+    CHECKPOINT_NAME,
     CheckpointError,
     load_strict,
     resolve_checkpoint_path,
@@ -133,6 +134,10 @@ def load_backbone(checkpoint: Path | str, arch: str | None = None) -> LoadedBack
     """
     from odis_core.embed.inference import load_teacher_backbone
 
+    folder = Path(checkpoint)
+    if (folder.is_dir() and not (folder / CHECKPOINT_NAME).exists()
+            and (folder / "model.safetensors").is_file()):
+        checkpoint = folder / "model.safetensors"  # an `odis export` folder
     path = resolve_checkpoint_path(checkpoint)
     state, header = _foreign_state_dict(path)
     if header.get("format") == CHECKPOINT_FORMAT:

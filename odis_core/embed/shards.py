@@ -188,6 +188,7 @@ def embed_to_directory(
     barrier: Callable[[], None] | None = None,
     precision: str = "auto",
     one_pass: bool | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> Iterator[ShardDone | EmbedFinished]:
     """Embed `records` into the feature directory `out_dir`, resuming complete shards.
 
@@ -198,6 +199,8 @@ def embed_to_directory(
     stored with it and compared on a re-run.
     `barrier` (several ranks) must return once every rank has finished its shards.
     `one_pass` (see `embed_records`) changes the speed, not the features: not a setting.
+    `progress(images)`: images of this rank's shards done so far (resumed shards count at
+    once), after every batch; `rank_image_count` is its total.
     """
     out_dir = Path(out_dir)
     settings_dict = settings.as_dict()
@@ -213,12 +216,21 @@ def embed_to_directory(
         _check_settings(out_dir, settings_dict)
     n_shards = max(1, -(-len(records) // settings.shard_size))
     dtype = np.dtype(settings.dtype)
+    images_before = 0  # images of this rank's earlier shards
+
+    def report(done: int, _total: int = 0) -> None:
+        if progress is not None:
+            progress(images_before + done)
+
     for shard in range(rank, n_shards, world_size):
         directory = shard_dir(out_dir, shard)
+        start = shard * settings.shard_size
+        shard_images = len(records[start : start + settings.shard_size])
         if _is_complete(directory):
+            images_before += shard_images
+            report(0)
             yield ShardDone(shard, n_shards, len(read_features(directory)), True)
             continue
-        start = shard * settings.shard_size
         result = embed_records(
             backbone,
             images_root,
@@ -230,10 +242,12 @@ def embed_to_directory(
             batch_size,
             device,
             workers,
+            progress=report,
             decode_on=settings.decode,
             precision=precision,
             one_pass=one_pass,
         )
+        images_before += shard_images
         if result.features.shape[0] == 0:
             result.features = np.zeros((0, backbone.embed_dim), np.float32)
         write_features(
@@ -255,6 +269,13 @@ def embed_to_directory(
         yield _merge(
             out_dir, n_shards, {**info, "settings": settings_dict, "dim": backbone.embed_dim}
         )
+
+
+def rank_image_count(n_records: int, shard_size: int, rank: int, world_size: int) -> int:
+    """Images in the shards rank `rank` of `world_size` embeds (its progress total)."""
+    n_shards = max(1, -(-n_records // shard_size))
+    return sum(min(shard_size, n_records - shard * shard_size)
+               for shard in range(rank, n_shards, world_size))
 
 
 def distributed_rank() -> tuple[int, int, int]:

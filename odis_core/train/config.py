@@ -4,18 +4,22 @@ Defaults follow the published iBOT ViT-S/16 recipe (teacher temperature 0.07, sh
 head with trainable last-layer gain, 10 local crops of 96 px, global scale (0.25, 1),
 local scale (0.05, 0.25), MIM ratio 0 or 0.1-0.5 per crop) and iBOT's code defaults for
 the rest. A run writes its resolved configuration to `RUN_DIR/config.json`; `--config
-FILE` reads the same JSON format (any subset of keys), and command-line options override it.
+FILE` reads the same JSON format (any subset of keys; keys starting with "_" are comments),
+and command-line options override it. Named recipes: `odis_core/train/recipes.py`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from odis_core.precision import PRECISIONS
+from odis_core.cpus import default_workers
 
 OBJECTIVES = ("odis", "image")
 AUGMENT_ON = ("auto", "loader", "device")
@@ -95,7 +99,7 @@ class PretrainConfig:
     # Run
     seed: int = 0
     device: str = "auto"  # "auto", "cpu", "cuda"
-    workers: int = 4
+    workers: int = field(default_factory=default_workers)  # min(8, CPUs this process may use)
     max_steps: int | None = None  # stop early; schedules still follow `epochs` (or `steps`)
     # Schedule length in steps: the recipe's epoch-based schedules (LR and teacher-temperature
     # warm-ups, cosines, last-layer freeze) are laid proportionally over this many steps, and
@@ -169,15 +173,43 @@ class PretrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "config") -> PretrainConfig:
+        # Keys starting with "_" document a recipe file ("_comment"); they are not options.
+        values = {name: value for name, value in values.items() if not name.startswith("_")}
         known = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - set(known))
         if unknown:
             raise ValueError(f"{source}: unknown option(s) {', '.join(unknown)}")
+        hints = typing.get_type_hints(cls)
+        for name, value in values.items():
+            if not _fits(value, hints[name]):
+                raise ValueError(f"{source}: {name}: expected {_type_name(hints[name])}, "
+                                 f"got {json.dumps(value)}")
         converted = {
             name: tuple(value) if isinstance(value, list) else value
             for name, value in values.items()
         }
         return cls(**converted)
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether a JSON value fits a field's type (a type this check does not know: yes)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (types.UnionType, typing.Union):
+        return any(_fits(value, arg) for arg in args)
+    if hint in (bool, int, float, str, type(None)):
+        # JSON has one number type: an int is a valid float; a bool is never a number.
+        accepted = (int, float) if hint is float else hint
+        return isinstance(value, accepted) and (hint is bool or not isinstance(value, bool))
+    if origin is tuple:
+        return isinstance(value, (list, tuple)) and len(value) == len(args) and all(
+            _fits(item, arg) for item, arg in zip(value, args, strict=True))
+    if hint is dict or origin is dict:
+        return isinstance(value, dict)
+    return True
+
+
+def _type_name(hint: Any) -> str:
+    return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
 
 
 def load_config_file(path: Path | str) -> PretrainConfig:

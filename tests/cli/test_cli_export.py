@@ -25,7 +25,7 @@ def test_export_loads_with_timm_create_model_pretrained_file_overlay(tmp_path):
     exported = tmp_path / "teacher.safetensors"
     result = runner.invoke(app, ["export", str(run), "--out", str(exported)])
     assert result.exit_code == 0, result.output
-    assert "pretrained=True" in result.output and "pretrained_cfg_overlay" in result.output
+    assert "pretrained=True" in result.output and "local-dir:" in result.output
 
     with safe_open(str(exported), "pt") as handle:
         header = handle.metadata()

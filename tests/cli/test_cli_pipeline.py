@@ -1,11 +1,13 @@
 """The four commands end to end through Typer's test runner, at a tiny size."""
 
+import dataclasses
 import json
 
 import numpy as np
 from typer.testing import CliRunner
 
 from odis_cli.app import app
+from odis_core.train.recipes import load_recipe
 
 runner = CliRunner()
 
@@ -27,7 +29,16 @@ def test_demo_runs_the_whole_pipeline_and_writes_demo_json(tmp_path):
     labels = np.load(workdir / "features" / "pretrained_test" / "labels.npy")
     assert features.shape[0] == labels.shape[0] == summary["n_test"]
     assert (workdir / "run" / "checkpoint.pt").is_file()
-    assert json.loads((workdir / "run" / "config.json").read_text())["arch"] == "vit_tiny"
+    # The demo trains configs/cpu-demo.json: `--config cpu-demo` with the same run options
+    # resolves to the run's config.json, key for key.
+    recipe = runner.invoke(app, ["pretrain", "--show-config", "--config", "cpu-demo"])
+    assert recipe.exit_code == 0, recipe.output
+    expected = dataclasses.replace(
+        load_recipe("cpu-demo"), epochs=1, workers=0, device="cpu", batch_size=32,
+        augment_on="loader",  # what the run resolves "auto" to on a CPU
+    ).resolved()
+    written = json.loads((workdir / "run" / "config.json").read_text())
+    assert written == json.loads(json.dumps(expected.to_dict()))
     assert "top-1" in result.output
     # The online k-NN monitor on the test store: step 0 and the last (the only) step.
     assert [point[0] for point in summary["curve"]] == [0, 1]
