@@ -99,8 +99,6 @@ def export_paths(out: Path | str) -> tuple[Path, Path]:
     if out.suffix == ".safetensors":
         return out, out.parent / CONFIG_NAME
     return out / WEIGHTS_NAME, out / CONFIG_NAME
-        # Read-out [OBJ] (issue 19): timm's weights are the same, the attention mask is not.
-        "obj_readout": json.dumps(bool(backbone.obj_readout)),
 
 
 def export_teacher(checkpoint: Path | str, out: Path | str) -> dict[str, Any]:
@@ -123,6 +121,8 @@ def export_teacher(checkpoint: Path | str, out: Path | str) -> dict[str, Any]:
         # Earlier exports' names for the same facts (odis embed reads either).
         "arch": architecture,
         "timm_kwargs": json.dumps(model_args),
+        # Read-out [OBJ] (issue 19): timm's weights are the same, the attention mask is not.
+        "obj_readout": json.dumps(bool(backbone.obj_readout)),
         "source": str(checkpoint),
     }
     weights_path, config_path = export_paths(out)

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from odis_core.precision import PRECISIONS
 from odis_core.cpus import default_workers
+from odis_core.precision import PRECISIONS
 
 OBJECTIVES = ("odis", "image")
 AUGMENT_ON = ("auto", "loader", "device")
