@@ -284,7 +284,7 @@ def pretrain(
         Path | None,
         typer.Option(help="Online k-NN monitor: mask store of held-out labelled objects, split "
                      "by image into bank and queries; the teacher is evaluated at the first "
-                     "step, every --eval-every steps and the last."),
+                     "step, every --eval-every steps and the last.", show_default="no monitor"),
     ] = None,
     eval_images: Annotated[
         Path | None,
