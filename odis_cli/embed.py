@@ -52,12 +52,16 @@ def embed(
         int, typer.Option(help="Also draw [OBJ] attention and patch-PCA PNGs of this many "
                           "images into OUT/viz.")
     ] = 0,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace a feature directory at --out of other settings.")
+    ] = False,
 ) -> None:
     """Write features.npy, labels.npy and meta.jsonl for every object (or image).
 
     Resumable: a re-run with the same settings skips finished shards. Several GPUs:
     `torchrun --nproc-per-node N -m odis_cli embed ...` (each rank writes its shards).
     """
+    from odis_cli.guards import guard_feature_dir
     from odis_core.embed.backbones import load_backbone, weights_fingerprint
     from odis_core.embed.inference import build_backbone, list_records, resolve_decode_on
     from odis_core.embed.shards import (
@@ -96,6 +100,9 @@ def embed(
         settings = EmbedSettings(level, mode if level == "object" else "cls", size, shard_size,
                                  dtype, weights, len(records), records_fingerprint(records),
                                  resolve_decode_on(decode_on, device))
+        replacing = guard_feature_dir(out, settings.as_dict(), overwrite, main_rank=rank == 0)
+        if replacing and rank == 0:
+            console.print(replacing, highlight=False)
         info = {"backbone": loaded.name, "checkpoint": str(checkpoint), "level": level,
                 "mode": settings.mode, "random_init": random_init, "weights": weights,
                 "source": loaded.source}

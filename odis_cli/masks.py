@@ -35,12 +35,21 @@ def coco(
     max_objects: Annotated[
         int | None, typer.Option(help="Keep at most this many objects per image, largest first.")
     ] = None,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace a store at --out built from other annotations.")
+    ] = False,
 ) -> None:
     """Import ground-truth objects (polygons, RLE, boxes) from a COCO instances file."""
-    from odis_core.masks.coco import import_coco, load_coco
+    from odis_cli.guards import guard_coco_store
+    from odis_core.masks.coco import file_sha1, import_coco, load_coco
 
     with cli_errors():
         loaded = load_coco(annotations)  # the whole file is validated before any work
+        replacing = guard_coco_store(out, {
+            "annotations_sha1": file_sha1(annotations), "min_area": min_area,
+            "max_objects_per_image": max_objects}, overwrite)
+        if replacing:
+            console.print(replacing, highlight=False)
         with progress_callback("importing objects") as progress:
             store, report = import_coco(
                 annotations, out, images_root=images, min_area=min_area,

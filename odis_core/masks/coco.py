@@ -13,6 +13,7 @@ The whole file is validated before anything is written: a malformed file raises
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import math
@@ -297,6 +298,14 @@ def _to_upright(
     return ImageRecord(record.image_id, record.file_name, record.height, record.width), turned
 
 
+def file_sha1(path: Path) -> str:
+    digest = hashlib.sha1()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def import_coco(
     annotations: Path,
     out: Path,
@@ -324,6 +333,9 @@ def import_coco(
     coco, categories = loaded if loaded is not None else load_coco(Path(annotations))
     settings = {
         "annotations": str(Path(annotations).resolve()),
+        # The content, not only the name: a store is never silently replaced by one built
+        # from other annotations, nor a run resumed on it (issue 15).
+        "annotations_sha1": file_sha1(Path(annotations)),
         "min_area": min_area,
         "max_objects_per_image": max_objects_per_image,
     }

@@ -20,7 +20,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,7 +47,14 @@ from odis_core.train.checkpoint import (
 from odis_core.train.config import PretrainConfig
 from odis_core.train.ema import make_teacher, update_teacher
 from odis_core.train.metrics import CollapseWatch, RunLog
+from odis_core.train.resume import (
+    check_same_store,
+    ignored_settings,
+    remove_stale_temporaries,
+    store_fingerprint,
+)
 from odis_core.train.schedules import cosine_schedule
+from odis_core.train.signals import ignore_stop_signals_in_worker
 
 # How to run, not what to compute: taken from the command line even when resuming.
 RUN_CONTROL_FIELDS = (
@@ -101,6 +108,21 @@ class CollapseWarning:
 
 @dataclass
 class CheckpointSaved:
+    step: int
+    path: Path
+
+
+@dataclass
+class Notice:
+    """Something the user should read once (a resume from step 0, ignored settings)."""
+
+    message: str
+
+
+@dataclass
+class RunStopped:
+    """A stop was requested (SIGTERM, SIGINT): the current step finished and was saved."""
+
     step: int
     path: Path
 
@@ -453,18 +475,34 @@ def pretrain(
     store: MaskStore,
     out_dir: Path | str,
     resume: bool = False,
-) -> Iterator[RunStarted | StepDone | CollapseWarning | CheckpointSaved | RunFinished]:
+    given: Iterable[str] = (),
+    stop_requested: Callable[[], bool] | None = None,
+) -> Iterator[
+    RunStarted | StepDone | CollapseWarning | CheckpointSaved | Notice | RunStopped | RunFinished
+]:
     """Run (or resume) pretraining, yielding events; writes into `out_dir` (rank 0 only):
     config.json (resolved), checkpoint.pt (latest, atomic), metrics.jsonl, tensorboard/,
-    report.json. Under torchrun it joins the process group and trains with DDP."""
+    report.json. Under torchrun it joins the process group and trains with DDP.
+    `resume` on a directory without a complete checkpoint starts at step 0 (a Notice says
+    so). `given`: names of settings the user set; on resume those the checkpoint overrides
+    are named in a Notice. `stop_requested()` is polled after each step: when true, the
+    run checkpoints, yields RunStopped and ends."""
     out_dir, images_root = Path(out_dir), Path(images_root)
     checkpoint_path = out_dir / CHECKPOINT_NAME
     state = None
-    if resume:
+    if out_dir.is_dir() and os.environ.get("RANK", "0") == "0":
+        remove_stale_temporaries(out_dir)
+    if resume and not checkpoint_path.is_file():
+        yield Notice(f"--resume: no complete checkpoint in {out_dir}; starting from step 0")
+    elif resume:
         # The method's settings come from the checkpoint; how to run (device, workers, when
         # to stop, how often to save) from this invocation.
         state = load_checkpoint(checkpoint_path)
+        check_same_store(state, store)
         saved = PretrainConfig.from_dict(state["config"], source=str(checkpoint_path))
+        ignored = ignored_settings(saved, config, given, RUN_CONTROL_FIELDS)
+        if ignored:
+            yield Notice("--resume keeps the checkpoint's settings; ignored: " + "; ".join(ignored))
         config = dataclasses.replace(
             saved, **{name: getattr(config, name) for name in RUN_CONTROL_FIELDS}
         )
@@ -476,7 +514,7 @@ def pretrain(
         on_gpu = device.startswith("cuda")
         config = dataclasses.replace(config, augment_on="device" if on_gpu else "loader")
     try:
-        yield from _run(config, images_root, store, out_dir, state, device)
+        yield from _run(config, images_root, store, out_dir, state, device, stop_requested)
     finally:
         if joined_here:  # a process group the caller created stays theirs
             distributed.shutdown()
@@ -489,7 +527,10 @@ def _run(
     out_dir: Path,
     state: dict[str, Any] | None,
     device: str,
-) -> Iterator[RunStarted | StepDone | CollapseWarning | CheckpointSaved | RunFinished]:
+    stop_requested: Callable[[], bool] | None = None,
+) -> Iterator[
+    RunStarted | StepDone | CollapseWarning | CheckpointSaved | RunStopped | RunFinished
+]:
     set_determinism(config.deterministic)
     checkpoint_path = out_dir / CHECKPOINT_NAME
     main, world = distributed.is_main_process(), distributed.world_size()
@@ -525,6 +566,8 @@ def _run(
     start_step = trainer.step
     data_seconds = 0.0
     log = RunLog(out_dir, trainer.step, tensorboard=config.tensorboard) if main else None
+    fingerprint = store_fingerprint(store)
+    stopped = False
     try:
         while trainer.step < total_steps:
             epoch, offset = divmod(trainer.step, iters_per_epoch)
@@ -542,6 +585,8 @@ def _run(
                 # Its own generator: a loader left to draw its base seed from the global RNG
                 # would shift the drop-path stream at every (re)start and break exact resume.
                 generator=torch.Generator().manual_seed(config.seed),
+                # A stop signal is the main process's to handle (finish the step, save).
+                worker_init_fn=ignore_stop_signals_in_worker,
             )
             waited_from = time.perf_counter()
             for batch in loader:
@@ -590,19 +635,29 @@ def _run(
                     )
                 end_of_epoch = trainer.step % iters_per_epoch == 0
                 periodic = config.save_every and trainer.step % config.save_every == 0
-                if end_of_epoch or periodic or trainer.step == total_steps:
+                # Every rank stops at the same step (torchrun signals each rank itself).
+                stopped = stop_requested is not None and not distributed.all_true(
+                    not stop_requested(), device
+                )
+                if end_of_epoch or periodic or trainer.step == total_steps or stopped:
                     checkpoint_state = trainer.state()  # collective: every rank takes part
+                    checkpoint_state["store"] = fingerprint  # a resume on another is refused
                     if log is not None:
                         log.flush()
                         _save(checkpoint_path, checkpoint_state)
                     last_saved_step = trainer.step
                     yield CheckpointSaved(trainer.step, checkpoint_path)
-                if trainer.step >= total_steps:
+                if trainer.step >= total_steps or stopped:
                     break
                 waited_from = time.perf_counter()
+            if stopped:
+                break
     finally:
         if log is not None:
             log.close()
+    if stopped:
+        yield RunStopped(trainer.step, checkpoint_path)
+        return
 
     elapsed = time.perf_counter() - started
     report = {
