@@ -102,7 +102,7 @@ def embed(
                                  resolve_decode_on(decode_on, device))
         replacing = guard_feature_dir(out, settings.as_dict(), overwrite, main_rank=rank == 0)
         if replacing and rank == 0:
-            console.print(replacing, highlight=False)
+            console.print(replacing, highlight=False, soft_wrap=True)
         info = {"backbone": loaded.name, "checkpoint": str(checkpoint), "level": level,
                 "mode": settings.mode, "random_init": random_init, "weights": weights,
                 "source": loaded.source}

@@ -49,7 +49,7 @@ def coco(
             "annotations_sha1": file_sha1(annotations), "min_area": min_area,
             "max_objects_per_image": max_objects}, overwrite)
         if replacing:
-            console.print(replacing, highlight=False)
+            console.print(replacing, highlight=False, soft_wrap=True)
         with progress_callback("importing objects") as progress:
             store, report = import_coco(
                 annotations, out, images_root=images, min_area=min_area,

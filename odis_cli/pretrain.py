@@ -304,7 +304,7 @@ def pretrain(
         run_config.resolved()  # a bad setting stops here, before anything is replaced
         replacing = guard_run_dir(out, resume, overwrite, main_rank=_is_main_rank())
         if replacing and _is_main_rank():
-            console.print(replacing, highlight=False)
+            console.print(replacing, highlight=False, soft_wrap=True)
         # Names the user set (command line or --config): on resume, those the checkpoint
         # overrides are reported.
         given = set(overrides) | {
