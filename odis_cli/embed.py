@@ -61,6 +61,7 @@ def embed(
     Resumable: a re-run with the same settings skips finished shards. Several GPUs:
     `torchrun --nproc-per-node N -m odis_cli embed ...` (each rank writes its shards).
     """
+    from odis_cli.checks import check_at_least, check_device, check_folder
     from odis_cli.guards import guard_feature_dir
     from odis_core.embed.backbones import load_backbone, weights_fingerprint
     from odis_core.embed.inference import build_backbone, list_records, resolve_decode_on
@@ -84,6 +85,12 @@ def embed(
             raise ValueError(f"--dtype {dtype!r}: use one of {', '.join(DTYPES)}")
         if shard_size < 1:
             raise ValueError(f"--shard-size {shard_size}: must be >= 1")
+        check_at_least("--batch-size", batch_size, 1)
+        check_at_least("--workers", workers, 0)
+        check_at_least("--image-size", image_size, 1)
+        check_at_least("--viz", viz, 0)
+        check_device(device)
+        check_folder("--images", images)
         loaded = load_backbone(checkpoint, arch=arch)
         backbone, weights = loaded.backbone, loaded.weights
         if random_init:

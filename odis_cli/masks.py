@@ -8,9 +8,10 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
-from odis_cli.ui import cli_errors, console, fail, progress_callback
+from odis_cli.ui import cli_errors, console, error_console, fail, progress_callback
 
 app = typer.Typer(
     help="Object masks for an image folder, into one mask store.", no_args_is_help=True
@@ -56,6 +57,13 @@ def coco(
                 max_objects_per_image=max_objects, progress=progress, loaded=loaded,
             )
     console.print(_summary_table(f"mask store {out}", vars(report)))
+    if report.n_missing_images:
+        # A file_name typo looks like this too: say it where it cannot be missed.
+        error_console.print(
+            f"[yellow]warning:[/yellow] {annotations}: {report.n_missing_images} image(s) "
+            f"missing or unreadable under {images} (e.g. {escape(store.skipped[0])}); all "
+            f"listed in {out / 'skipped.txt'}", highlight=False, soft_wrap=True,
+        )
 
 
 @app.command("sam")

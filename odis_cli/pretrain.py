@@ -258,6 +258,7 @@ def pretrain(
     ] = False,
 ) -> None:
     """Pretrain a ViT with object-level self-distillation (--objective image: plain iBOT)."""
+    from odis_cli.checks import check_device
     from odis_cli.guards import guard_run_dir
     from odis_core.masks.store import read_store
     from odis_core.train.config import load_config_file
@@ -302,6 +303,7 @@ def pretrain(
         if images_root is None:
             raise ValueError(f"{masks}: the store records no image folder; pass --images")
         run_config.resolved()  # a bad setting stops here, before anything is replaced
+        check_device(run_config.device)
         replacing = guard_run_dir(out, resume, overwrite, main_rank=_is_main_rank())
         if replacing and _is_main_rank():
             console.print(replacing, highlight=False, soft_wrap=True)

@@ -110,9 +110,17 @@ class PretrainConfig:
         # iBOT's schedules need warm-ups no longer than the run; short runs shorten them.
         config.warmup_epochs = min(config.warmup_epochs, config.epochs)
         config.warmup_teacher_temp_epochs = min(config.warmup_teacher_temp_epochs, config.epochs)
-        for name in ("epochs", "batch_size", "n_global_crops", "patch_size"):
-            if getattr(config, name) < 1:
-                raise ValueError(f"{name} must be >= 1")
+        for name in ("epochs", "batch_size", "n_global_crops", "patch_size", "max_steps",
+                     "save_every", "global_size", "local_size", "out_dim", "depth"):
+            value = getattr(config, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{_option(name)} {value}: must be >= 1")
+        for name in ("lr", "min_lr", "workers", "n_local_crops", "weight_decay", "clip_grad"):
+            value = getattr(config, name)
+            if value < 0:
+                raise ValueError(f"{_option(name)} {value}: must be >= 0")
+        if config.device not in ("auto", "cpu") and not config.device.startswith("cuda"):
+            raise ValueError(f"--device {config.device}: use auto, cpu or cuda (cuda:N)")
         if config.attention_impl not in ("auto", "split", "dense"):
             raise ValueError(f"attention_impl: auto, split or dense, not {config.attention_impl!r}")
         if config.augment_on not in AUGMENT_ON:
@@ -137,7 +145,44 @@ class PretrainConfig:
             name: tuple(value) if isinstance(value, list) else value
             for name, value in values.items()
         }
+        for name, value in converted.items():
+            expected = str(known[name].type)
+            if not _fits(value, expected):
+                raise ValueError(
+                    f"{source}: {name} {json.dumps(value)} is not a valid {expected}"
+                )
         return cls(**converted)
+
+
+def _option(name: str) -> str:
+    """The command-line spelling of a config key (messages name what the user typed)."""
+    return f"{name} (--{name.replace('_', '-')})"
+
+
+def _fits(value: Any, annotation: str) -> bool:
+    """Whether a JSON value fits a field's annotation ('int | None', 'tuple[float, float]'):
+    a config file's "depth": "four" is refused by name, not by a TypeError later."""
+    kinds = [part.strip() for part in annotation.split("|")]
+    for kind in kinds:
+        if kind == "None" and value is None:
+            return True
+        if kind == "bool" and isinstance(value, bool):
+            return True
+        if isinstance(value, bool):
+            continue
+        if kind == "int" and isinstance(value, int):
+            return True
+        if kind == "float" and isinstance(value, (int, float)):
+            return True
+        if kind == "str" and isinstance(value, str):
+            return True
+        if kind.startswith("tuple[") and isinstance(value, tuple):
+            return len(value) == kind.count(",") + 1 and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
+            )
+        if kind.startswith("dict[") and isinstance(value, dict):
+            return True
+    return False
 
 
 def load_config_file(path: Path | str) -> PretrainConfig:
