@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import itertools
 import math
 import os
 import time
@@ -42,6 +43,14 @@ def run_training(
 
     report: dict = {}
     main = _is_main_rank()
+    # Everything before RunStarted (checks, checkpoint loading, the memory estimate) runs
+    # before the bar is drawn: an error there is one line, never after a `0/?` bar.
+    source, before_start = iter(events), []
+    for event in source:
+        before_start.append(event)
+        if isinstance(event, RunStarted):
+            break
+    events = itertools.chain(before_start, source)
     plain = main and not console.is_terminal
     if log_every_s is None:
         log_every_s = float(os.environ.get("ODIS_LOG_EVERY_S", "30"))
@@ -256,6 +265,14 @@ def pretrain(
     overwrite: Annotated[
         bool, typer.Option(help="Replace the run already in RUN_DIR (it says what it replaces).")
     ] = False,
+    memory_check: Annotated[
+        bool,
+        typer.Option(
+            "--memory-check/--no-memory-check",
+            help="Refuse a batch whose estimated step memory exceeds the memory available.",
+            show_default=True,
+        ),
+    ] = True,
 ) -> None:
     """Pretrain a ViT with object-level self-distillation (--objective image: plain iBOT)."""
     from odis_cli.checks import check_device
@@ -317,7 +334,7 @@ def pretrain(
             report = run_training(
                 run_pretrain(
                     run_config, images_root, store, out, resume=resume, given=given,
-                    stop_requested=stop,
+                    stop_requested=stop, memory_check=memory_check,
                 )
             )
         if "stopped_at" in report:

@@ -46,6 +46,7 @@ from odis_core.train.checkpoint import (
 )
 from odis_core.train.config import PretrainConfig
 from odis_core.train.ema import make_teacher, update_teacher
+from odis_core.train.memory import check_step_fits
 from odis_core.train.metrics import CollapseWatch, RunLog
 from odis_core.train.resume import (
     check_same_store,
@@ -477,6 +478,7 @@ def pretrain(
     resume: bool = False,
     given: Iterable[str] = (),
     stop_requested: Callable[[], bool] | None = None,
+    memory_check: bool = True,
 ) -> Iterator[
     RunStarted | StepDone | CollapseWarning | CheckpointSaved | Notice | RunStopped | RunFinished
 ]:
@@ -486,7 +488,8 @@ def pretrain(
     `resume` on a directory without a complete checkpoint starts at step 0 (a Notice says
     so). `given`: names of settings the user set; on resume those the checkpoint overrides
     are named in a Notice. `stop_requested()` is polled after each step: when true, the
-    run checkpoints, yields RunStopped and ends."""
+    run checkpoints, yields RunStopped and ends. `memory_check`: refuse, before the first
+    step, a batch estimated not to fit in the memory available (odis_core.train.memory)."""
     out_dir, images_root = Path(out_dir), Path(images_root)
     checkpoint_path = out_dir / CHECKPOINT_NAME
     state = None
@@ -513,6 +516,8 @@ def pretrain(
         # Resolved once and saved with the run: a resume renders views the same way.
         on_gpu = device.startswith("cuda")
         config = dataclasses.replace(config, augment_on="device" if on_gpu else "loader")
+    if memory_check:
+        check_step_fits(config, device)
     try:
         yield from _run(config, images_root, store, out_dir, state, device, stop_requested)
     finally:
