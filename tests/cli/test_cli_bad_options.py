@@ -186,3 +186,20 @@ def test_masks_coco_warns_of_missing_images_and_lists_a_late_truncated_jpeg(tmp_
     skipped = (out / "skipped.txt").read_text()
     assert "grey.png" in skipped and "late_cut.jpg: truncated" in skipped
     assert "plain.jpg" not in skipped
+
+
+def test_demo_says_it_replaces_its_own_artifacts(tmp_path, monkeypatch):
+    import odis_core.scenes.synthetic as synthetic
+
+    workdir = tmp_path / "demo"
+    (workdir / "run").mkdir(parents=True)
+    (workdir / "demo.json").write_text("{}")
+
+    def stop_here(*args, **kwargs):
+        raise RuntimeError("scene generation reached")
+
+    monkeypatch.setattr(synthetic, "generate_scenes", stop_here)
+    result = runner.invoke(app, ["demo", "--workdir", str(workdir), "--device", "cpu"])
+    assert "scene generation reached" in _error_line(result)
+    assert f"replacing the previous demo's scenes, masks, run and features in {workdir}" in (
+        " ".join(result.output.split()))
