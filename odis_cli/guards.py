@@ -65,7 +65,7 @@ def guard_feature_dir(
 ) -> str | None:
     """Check `odis embed --out DIR`: a finished feature directory of other settings (or
     other weights) is refused without --overwrite. The same settings stay a no-op resume."""
-    from odis_core.embed.features import INFO_FILE
+    from odis_core.embed.features import FEATURES_FILE, INFO_FILE, LABELS_FILE, META_FILE
     from odis_core.embed.shards import SETTINGS_FILE, SHARDS_DIR, _with_defaults
 
     previous = None
@@ -91,7 +91,13 @@ def guard_feature_dir(
         raise ValueError(f"--out {out}: holds {what}; use another --out, or replace it with "
                          "--overwrite")
     if main_rank:
-        shutil.rmtree(out)
+        # Only what `odis embed` writes: an --out that also holds other files keeps them.
+        for name in (INFO_FILE, FEATURES_FILE, LABELS_FILE, META_FILE, SHARDS_DIR, "viz"):
+            target = out / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            else:
+                target.unlink(missing_ok=True)
     return f"--overwrite: replaced {out} ({what})"
 
 

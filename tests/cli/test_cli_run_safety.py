@@ -261,7 +261,9 @@ def test_embed_refuses_features_of_other_settings(tmp_path):
     line = _error_line(embed("--dtype", "float16"))
     assert str(out) in line and "dtype" in line and "--overwrite" in line
     assert (out / "features.npy").read_bytes() == before
+    (out / "notes.txt").write_text("mine")  # not embed's: kept by --overwrite
     replaced = embed("--dtype", "float16", "--overwrite")
     assert replaced.exit_code == 0, replaced.output
     assert "--overwrite: replaced" in replaced.output
     assert (out / "features.npy").read_bytes() != before
+    assert (out / "notes.txt").read_text() == "mine"
