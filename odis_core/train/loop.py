@@ -660,7 +660,7 @@ def _run(
     finally:
         if log is not None:
             log.close()
-    if stopped:
+    if stopped and trainer.step < total_steps:  # a stop at the last step is simply the end
         yield RunStopped(trainer.step, checkpoint_path)
         return
 
