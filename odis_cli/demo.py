@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 
+from odis_cli.checks import check_at_least, check_device
 from odis_cli.knn import knn_table
 from odis_cli.pretrain import run_training
 from odis_cli.ui import WORKERS_SHOWN, cli_errors, console, progress_callback
@@ -43,6 +44,7 @@ def demo(
     Generates scenes, imports their masks, pretrains, embeds both networks and prints
     the k-NN table; every artifact and demo.json stay in --workdir."""
     from odis_core.demo import demo_summary, eval_every
+    from odis_core.embed.backbones import weights_fingerprint
     from odis_core.embed.features import write_features
     from odis_core.embed.inference import build_backbone, embed, load_teacher_backbone
     from odis_core.evaluate.knn import weighted_knn
@@ -51,14 +53,27 @@ def demo(
     from odis_core.train.loop import pretrain, resolve_device
 
     settings = DemoSettings(seed=seed)
-    settings.scaled(train_scenes or settings.n_train, test_scenes or settings.n_test,
-                    epochs or settings.pretrain.epochs)
-    overrides = {"seed": seed, "device": device}
-    if workers is not None:
-        overrides["workers"] = workers
-    config = dataclasses.replace(settings.pretrain, **overrides)
     started = time.perf_counter()
     with cli_errors():
+        # Checked before any scene is drawn; 0 is a value, not "unset".
+        for option, value in (("--train-scenes", train_scenes), ("--test-scenes", test_scenes),
+                              ("--epochs", epochs)):
+            check_at_least(option, value, 1)
+        check_at_least("--workers", workers, 0)
+        check_device(device)
+        settings.scaled(
+            settings.n_train if train_scenes is None else train_scenes,
+            settings.n_test if test_scenes is None else test_scenes,
+            settings.pretrain.epochs if epochs is None else epochs,
+        )
+        overrides = {"seed": seed, "device": device}
+        if workers is not None:
+            overrides["workers"] = workers
+        config = dataclasses.replace(settings.pretrain, **overrides)
+        if (workdir / "demo.json").exists() or (workdir / "run").exists():
+            # The demo owns its workdir: it replaces its own artifacts, and says so.
+            console.print(f"replacing the previous demo's scenes, masks, run and features in "
+                          f"{workdir}", highlight=False, soft_wrap=True)
         workdir.mkdir(parents=True, exist_ok=True)
         with progress_callback("generating scenes") as progress:
             splits = generate_scenes(
@@ -98,7 +113,9 @@ def demo(
                     workdir / "features" / f"{name}_{split}", result.features, result.labels,
                     result.meta,
                     {"backbone": run_config.arch, "checkpoint": str(run_dir), "level": "object",
-                     "mode": "masked", "random_init": name == "untrained"},
+                     "mode": "masked", "random_init": name == "untrained",
+                     # `odis knn` tells the two networks' features apart by this.
+                     "weights": weights_fingerprint(backbone.vit)},
                 )
                 features[split] = result
             reports[name] = weighted_knn(

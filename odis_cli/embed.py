@@ -72,12 +72,17 @@ def embed(
         int, typer.Option(help="Also draw [OBJ] attention and patch-PCA PNGs of this many "
                           "images into OUT/viz.")
     ] = 0,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace a feature directory at --out of other settings.")
+    ] = False,
 ) -> None:
     """Write features.npy, labels.npy and meta.jsonl for every object (or image).
 
     Resumable: a re-run with the same settings skips finished shards. Several GPUs:
     `torchrun --nproc-per-node N -m odis_cli embed ...` (each rank writes its shards).
     """
+    from odis_cli.checks import check_at_least, check_device, check_folder
+    from odis_cli.guards import guard_feature_dir
     from odis_core.embed.backbones import load_backbone, weights_fingerprint
     from odis_core.embed.inference import (
         build_backbone,
@@ -106,6 +111,12 @@ def embed(
             raise ValueError(f"--dtype {dtype!r}: use one of {', '.join(DTYPES)}")
         if shard_size < 1:
             raise ValueError(f"--shard-size {shard_size}: must be >= 1")
+        check_at_least("--batch-size", batch_size, 1)
+        check_at_least("--workers", workers, 0)
+        check_at_least("--image-size", image_size, 1)
+        check_at_least("--viz", viz, 0)
+        check_device(device)
+        check_folder("--images", images)
         loaded = load_backbone(checkpoint, arch=arch)
         backbone, weights = loaded.backbone, loaded.weights
         if random_init:
@@ -124,6 +135,9 @@ def embed(
         settings = EmbedSettings(level, mode if level == "object" else "cls", size, shard_size,
                                  dtype, weights, len(records), records_fingerprint(records),
                                  resolve_decode_on(decode_on, device))
+        replacing = guard_feature_dir(out, settings.as_dict(), overwrite, main_rank=rank == 0)
+        if replacing and rank == 0:
+            console.print(replacing, highlight=False, soft_wrap=True)
         info = {"backbone": loaded.name, "checkpoint": str(checkpoint), "level": level,
                 "mode": settings.mode, "random_init": random_init, "weights": weights,
                 "source": loaded.source, "precision": precision, "one_pass": one_pass}

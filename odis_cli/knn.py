@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from odis_cli.ui import cli_errors, console
+from odis_cli.ui import cli_errors, console, error_console
 
 
 def knn_table(title: str, columns: dict[str, dict]) -> Table:
@@ -84,6 +84,7 @@ def knn(
     ] = False,
 ) -> None:
     """Top-1 and top-5 accuracy of a temperature-weighted k-NN vote."""
+    from odis_cli.checks import check_at_least, check_device
     from odis_core.embed.features import check_same_embedding, read_features
     from odis_core.evaluate.knn import weighted_knn
     from odis_core.evaluate.search import IvfSettings
@@ -93,9 +94,21 @@ def knn(
             ks = tuple(int(value) for value in k.split(",") if value.strip())
         except ValueError:
             raise ValueError(f"--k {k!r}: expected comma-separated integers") from None
+        check_at_least("--temperature", temperature, 1e-12)
+        check_at_least("--nprobe", nprobe, 1)
+        check_at_least("--chunk-size", chunk_size, 1)
+        check_at_least("--ivf", ivf, 1)
+        if any(value < 1 for value in ks) or not ks:
+            raise ValueError(f"--k {k!r}: neighbour counts must be >= 1")
+        if backend not in ("auto", "faiss", "torch"):
+            raise ValueError(f"--backend {backend}: use auto, faiss or torch")
+        device = None if device == "auto" else device
+        check_device(device)
         bank, queries = read_features(train), read_features(test)
         if not allow_mismatch:
             check_same_embedding(bank, queries, train, test)
+        if ivf is not None:
+            _warn_sparse_ivf(ivf, nprobe, len(bank.features), max(ks))
         result = weighted_knn(
             bank.features, bank.labels, queries.features, queries.labels, ks=ks,
             temperature=temperature, chunk_size=chunk_size, backend=backend, device=device,
@@ -109,18 +122,6 @@ def knn(
                                                   ("backbone", "level", "mode", "weights")}}
         report["test"] = {"path": str(test), **{key: queries.info.get(key) for key in
                                                 ("backbone", "level", "mode", "weights")}}
-        if json_out is not None:
-            from odis_core.atomic import atomic_write
-
-            with atomic_write(json_out, "w", encoding="utf-8") as handle:
-                handle.write(json.dumps(report, indent=2) + "\n")
-        if confusion is not None:
-            from odis_core.evaluate.confusion import save_confusion_png
-
-            save_confusion_png(
-                result.confusion, [names.get(int(c), str(c)) for c in result.class_labels],
-                confusion, title=f"k-NN top-1 (k={result.confusion_k}, T={temperature})",
-            )
     title = (f"weighted k-NN, T={temperature}\n"
              f"{report['n_train']} train / {report['n_test']} test, {report['backend']}")
     console.print(knn_table(title, {"": report}))
@@ -134,3 +135,40 @@ def knn(
                            in result.ivf["recall_at_k"].items())
         console.print(f"IVF recall@k vs exact ({result.ivf['recall_queries']} queries): "
                       f"{recall}", highlight=False)
+    # Written after the table is shown: a path that cannot be written loses nothing.
+    with cli_errors():
+        if json_out is not None:
+            from odis_core.atomic import atomic_write
+
+            try:
+                with atomic_write(json_out, "w", encoding="utf-8") as handle:
+                    handle.write(json.dumps(report, indent=2) + "\n")
+            except OSError as error:
+                raise ValueError(
+                    f"--json {json_out}: cannot write ({error.strerror or error}); "
+                    "the result is printed above"
+                ) from None
+        if confusion is not None:
+            from odis_core.evaluate.confusion import save_confusion_png
+
+            save_confusion_png(
+                result.confusion, [names.get(int(c), str(c)) for c in result.class_labels],
+                confusion, title=f"k-NN top-1 (k={result.confusion_k}, T={temperature})",
+            )
+
+
+def _warn_sparse_ivf(n_cells: int, nprobe: int, n_bank: int, k_max: int) -> None:
+    """FAISS k-means wants >= 39 training vectors per cell; with fewer, the cells a query
+    visits hold fewer vectors than k and the vote silently uses fewer neighbours."""
+    if n_cells * 39 <= n_bank:
+        return
+    cells = min(n_cells, n_bank)
+    reachable = max(1, round(min(nprobe, cells) * n_bank / cells))
+    error_console.print(
+        f"[yellow]warning:[/yellow] --ivf {n_cells}: more cells than {n_bank} bank vectors / "
+        f"39 = {n_bank // 39}; a query visits about {reachable} vectors (--nprobe {nprobe})"
+        + (f", fewer than k = {k_max}: the effective k is about {reachable}"
+           if reachable < k_max else "")
+        + " (see recall@k below)",
+        highlight=False, soft_wrap=True,
+    )

@@ -8,9 +8,10 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
-from odis_cli.ui import cli_errors, console, fail, progress_callback
+from odis_cli.ui import cli_errors, console, error_console, fail, progress_callback
 
 app = typer.Typer(
     help="Object masks for an image folder, into one mask store.", no_args_is_help=True
@@ -55,18 +56,34 @@ def coco(
         typer.Option(help="Keep at most this many objects per image, largest first.",
                      show_default="all"),
     ] = None,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace a store at --out built from other annotations.")
+    ] = False,
 ) -> None:
     """Import ground-truth objects (polygons, RLE, boxes) from a COCO instances file."""
-    from odis_core.masks.coco import import_coco, load_coco
+    from odis_cli.guards import guard_coco_store
+    from odis_core.masks.coco import file_sha1, import_coco, load_coco
 
     with cli_errors():
         loaded = load_coco(annotations)  # the whole file is validated before any work
+        replacing = guard_coco_store(out, {
+            "annotations_sha1": file_sha1(annotations), "min_area": min_area,
+            "max_objects_per_image": max_objects}, overwrite)
+        if replacing:
+            console.print(replacing, highlight=False, soft_wrap=True)
         with progress_callback("importing objects") as progress:
             store, report = import_coco(
                 annotations, out, images_root=images, min_area=min_area,
                 max_objects_per_image=max_objects, progress=progress, loaded=loaded,
             )
     console.print(_summary_table(f"mask store {out}", vars(report)))
+    if report.n_missing_images:
+        # A file_name typo looks like this too: say it where it cannot be missed.
+        error_console.print(
+            f"[yellow]warning:[/yellow] {annotations}: {report.n_missing_images} image(s) "
+            f"missing or unreadable under {images} (e.g. {escape(store.skipped[0])}); all "
+            f"listed in {out / 'skipped.txt'}", highlight=False, soft_wrap=True,
+        )
 
 
 @app.command("sam")

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
+import itertools
+import math
 import os
+import time
+from functools import partial
 from pathlib import Path
 from typing import Annotated
 
@@ -12,42 +17,68 @@ import typer
 from rich.markup import escape
 from rich.progress import TextColumn
 
-from odis_cli.ui import WORKERS_SHOWN, cli_errors, console, make_progress
+from odis_cli.ui import WORKERS_SHOWN, cli_errors, console, error_console, make_progress
 from odis_core.train.config import PretrainConfig
 
 
-def run_training(events, description: str = "pretraining") -> dict:
+def run_training(
+    events, description: str = "pretraining", log_every_s: float | None = None
+) -> dict:
     """Draw a run's events (from `odis_core.train.loop.pretrain`); return its final report.
-    Under torchrun only rank 0 draws; the other ranks consume the events silently."""
+    Under torchrun only rank 0 draws; the other ranks consume the events silently. When
+    stdout is not a terminal (a Slurm log, nohup, a pipe) a plain line is printed every
+    `log_every_s` seconds (default 30, or ODIS_LOG_EVERY_S) instead of a progress bar.
+    A RunStopped event (a stop signal) is reported here and re-raised as typer.Exit by
+    the caller."""
     from odis_core.train import distributed
     from odis_core.train.loop import (
         CheckpointSaved,
         CollapseWarning,
         Evaluated,
+        Notice,
         RunFinished,
         RunStarted,
+        RunStopped,
         ScheduleWarning,
         StepDone,
     )
 
     report: dict = {}
     last_knn = ""  # the latest k-NN evaluation, kept on the progress line
+    main = _is_main_rank()
+    # Everything before RunStarted (checks, checkpoint loading, the memory estimate) runs
+    # before the bar is drawn: an error there is one line, never after a `0/?` bar.
+    source, before_start = iter(events), []
+    for event in source:
+        before_start.append(event)
+        if isinstance(event, RunStarted):
+            break
+    events = itertools.chain(before_start, source)
+    plain = main and not console.is_terminal
+    if log_every_s is None:
+        log_every_s = float(os.environ.get("ODIS_LOG_EVERY_S", "30"))
     display = (
         make_progress(TextColumn("{task.fields[status]}"))
-        if _is_main_rank()
+        if main and not plain
         else contextlib.nullcontext(None)
     )
+    last_logged = -math.inf  # the first step is logged: the run is alive
+    started_at, start_step = time.monotonic(), 0
     with display as progress:
         task = progress.add_task(description, total=None, status="") if progress else None
+        # Plain lines are never wrapped: one event, one line in a log file.
+        say = progress.console.print if progress else partial(console.print, soft_wrap=True)
         for event in events:
-            if progress is None:
+            if not main:
                 if isinstance(event, RunFinished):
                     report = event.report
                 continue
             if isinstance(event, RunStarted):
-                progress.update(task, total=event.total_steps, completed=event.start_step)
+                if progress:
+                    progress.update(task, total=event.total_steps, completed=event.start_step)
+                started_at, start_step = time.monotonic(), event.start_step
                 processes = distributed.world_size()
-                console.print(
+                say(
                     f"{event.n_images} images, {event.iters_per_epoch} steps/epoch, "
                     f"{event.total_steps} steps, device {event.device} ({event.config.precision})"
                     + (f", {processes} processes (DDP)" if processes > 1 else "")
@@ -61,28 +92,46 @@ def run_training(events, description: str = "pretraining") -> dict:
                     f"  lr {m['lr']:.2e}  {m['images_per_second']:.1f} img/s"
                     f"  data wait {100 * m['data_wait_share']:.0f}%{last_knn}"
                 )
-                progress.update(task, completed=event.step, status=status)
+                if progress:
+                    progress.update(task, completed=event.step, status=status)
+                elif (
+                    time.monotonic() - last_logged >= log_every_s
+                    or event.step == event.total_steps
+                ):
+                    last_logged = time.monotonic()
+                    line = _plain_progress_line(event, status, started_at, start_step)
+                    say(line, highlight=False)
             elif isinstance(event, ScheduleWarning):
-                progress.console.print(
-                    f"[yellow]warning:[/yellow] {escape(event.message)}", highlight=False
-                )
+                say(f"[yellow]warning:[/yellow] {escape(event.message)}", highlight=False)
             elif isinstance(event, CollapseWarning):
-                progress.console.print(
+                say(
                     f"[yellow]warning:[/yellow] step {event.step}: {escape(event.message)}",
                     highlight=False,
                 )
             elif isinstance(event, Evaluated):
                 last_knn = f"  k-NN {event.knn_top1:.1f}%"
-                progress.console.print(
+                say(
                     f"step {event.step}: k-NN top-1 {event.knn_top1:.1f}%, top-5 "
                     f"{event.knn_top5:.1f}%, effective rank {event.effective_rank:.1f} "
                     f"({event.seconds:.1f} s)",
                     highlight=False,
                 )
+            elif isinstance(event, Notice):
+                say(f"note: {escape(event.message)}", highlight=False)
             elif isinstance(event, CheckpointSaved):
-                progress.update(task, status=f"checkpoint saved at step {event.step}")
+                if progress:
+                    progress.update(task, status=f"checkpoint saved at step {event.step}")
+            elif isinstance(event, RunStopped):
+                report = {"stopped_at": event.step, "checkpoint": str(event.path)}
             elif isinstance(event, RunFinished):
                 report = event.report
+    if main and "stopped_at" in report:
+        error_console.print(
+            f"stopped at step {report['stopped_at']}; checkpoint {report['checkpoint']}; "
+            "continue with --resume",
+            highlight=False,
+            soft_wrap=True,
+        )
     return report
 
 
@@ -105,9 +154,24 @@ def print_config(config: PretrainConfig, source: str | None) -> None:
     console.print(table)
 
 
+def _plain_progress_line(event, status: str, started_at: float, start_step: int) -> str:
+    """One log line: step/total, losses, speed, ETA (from this invocation's steps/s)."""
+    done_here = event.step - start_step
+    elapsed = time.monotonic() - started_at
+    eta = ""
+    if done_here > 0:
+        remaining = elapsed / done_here * (event.total_steps - event.step)
+        eta = f"  eta {datetime.timedelta(seconds=round(remaining))}"
+    return f"step {event.step}/{event.total_steps}  {status}{eta}"
+
+
 def _is_main_rank() -> bool:
     # Before the process group exists (it is created inside the run), torchrun's RANK says.
     return os.environ.get("RANK", "0") == "0"
+
+
+def _exit_now_line(signum: int) -> None:
+    error_console.print("second signal: exiting now (the last checkpoint on disk is whole)")
 
 
 _DEFAULTS = PretrainConfig()
@@ -305,13 +369,31 @@ def pretrain(
                      show_default=str(_DEFAULTS.eval_k)),
     ] = None,
     resume: Annotated[
-        bool, typer.Option(help="Continue RUN_DIR from its last checkpoint.")
+        bool,
+        typer.Option(
+            help="Continue RUN_DIR from its last checkpoint (from step 0 when it has none: "
+            "one command line for the first start and every restart)."
+        ),
     ] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace the run already in RUN_DIR (it says what it replaces).")
+    ] = False,
+    memory_check: Annotated[
+        bool,
+        typer.Option(
+            "--memory-check/--no-memory-check",
+            help="Refuse a batch whose estimated step memory exceeds the memory available.",
+            show_default=True,
+        ),
+    ] = True,
 ) -> None:
     """Pretrain a ViT with object-level self-distillation (--objective image: plain iBOT)."""
+    from odis_cli.checks import check_device
+    from odis_cli.guards import guard_run_dir
     from odis_core.masks.store import read_store
     from odis_core.train.loop import pretrain as run_pretrain
     from odis_core.train.recipes import load_recipe
+    from odis_core.train.signals import StopSignals
 
     overrides = {
         name: value
@@ -370,7 +452,26 @@ def pretrain(
         images_root = images or (Path(store.images_root) if store.images_root else None)
         if images_root is None:
             raise ValueError(f"{masks}: the store records no image folder; pass --images")
-        report = run_training(run_pretrain(run_config, images_root, store, out, resume=resume))
+        run_config.resolved()  # a bad setting stops here, before anything is replaced
+        check_device(run_config.device)
+        replacing = guard_run_dir(out, resume, overwrite, main_rank=_is_main_rank())
+        if replacing and _is_main_rank():
+            console.print(replacing, highlight=False, soft_wrap=True)
+        # Names the user set (command line or --config): on resume, those the checkpoint
+        # overrides are reported.
+        given = set(overrides) | {
+            f.name for f in dataclasses.fields(base) if getattr(base, f.name) != f.default
+            and f.default is not dataclasses.MISSING
+        }
+        with StopSignals(on_second=_exit_now_line) as stop:
+            report = run_training(
+                run_pretrain(
+                    run_config, images_root, store, out, resume=resume, given=given,
+                    stop_requested=stop, memory_check=memory_check,
+                )
+            )
+        if "stopped_at" in report:
+            raise typer.Exit(stop.exit_code)
     if not _is_main_rank():
         return
     console.print(

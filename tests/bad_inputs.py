@@ -192,6 +192,11 @@ def bad_annotation_cases() -> Iterator[tuple[str, str | dict, str]]:
     )
     yield "duplicate_image_id", damaged(lambda d: d["images"][1].update(id=1)), "listed twice"
     yield (
+        "category_not_in_categories",
+        damaged(lambda d: d["annotations"][1].update(category_id=7)),
+        "category_id not in 'categories'",
+    )
+    yield (
         "duplicate_annotation_id",
         damaged(lambda d: d["annotations"][1].update(id=1)),
         ("repeated id"),

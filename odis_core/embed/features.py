@@ -193,7 +193,14 @@ MATCHING_INFO_KEYS = ("backbone", "weights", "level")
 def check_same_embedding(train: FeatureSet, test: FeatureSet, train_path: Path | str,
                          test_path: Path | str) -> None:
     """Raise FeatureDirError when the two directories' info.json name a different backbone,
-    weights fingerprint or level (keys absent on either side are not compared)."""
+    weights fingerprint or level (other keys absent on either side are not compared; a
+    missing weights fingerprint is refused: without it two networks cannot be told apart)."""
+    for info, path, other in ((train.info, train_path, test_path), (test.info, test_path,
+                                                                     train_path)):
+        if not info.get("weights"):
+            raise FeatureDirError(
+                f"{path}: info.json records no weights fingerprint, so its features cannot be "
+                f"checked against {other}'s (--allow-mismatch to compare anyway)")
     for key in MATCHING_INFO_KEYS:
         ours, theirs = train.info.get(key), test.info.get(key)
         if ours is not None and theirs is not None and ours != theirs:

@@ -13,6 +13,7 @@ The whole file is validated before anything is written: a malformed file raises
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import math
@@ -238,6 +239,14 @@ def load_coco(annotations: Path) -> tuple[COCO, dict[int, str]]:
     images = _check_images(path, dataset["images"])
     _check_annotations(path, dataset["annotations"], images)
     categories = _check_categories(path, dataset.get("categories", []))
+    if categories:  # a class-agnostic file (no categories) may use any id
+        stray = [a for a in dataset["annotations"]
+                 if a["category_id"] not in categories and a["category_id"] != UNKNOWN_CATEGORY]
+        if stray:
+            raise CocoFormatError(
+                f"{path}: {len(stray)} annotation(s) have a category_id not in 'categories' "
+                f"(e.g. annotation {stray[0]['id']} -> category_id {stray[0]['category_id']})"
+            )
     # pycocotools prints progress to stdout; library code stays quiet.
     with contextlib.redirect_stdout(io.StringIO()):
         coco = COCO()
@@ -297,6 +306,28 @@ def _to_upright(
     return ImageRecord(record.image_id, record.file_name, record.height, record.width), turned
 
 
+def _cut_short(path: Path) -> bool:
+    """A JPEG or PNG whose end marker is missing from its last 4 KiB: cut off after an
+    intact header (the header probe cannot see it; decoding every file would be too slow)."""
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        handle.seek(max(0, path.stat().st_size - 4096))
+        tail = handle.read()
+    if head.startswith(b"\xff\xd8"):
+        return b"\xff\xd9" not in tail
+    if head.startswith(b"\x89PNG"):
+        return b"IEND" not in tail
+    return False
+
+
+def file_sha1(path: Path) -> str:
+    digest = hashlib.sha1()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def import_coco(
     annotations: Path,
     out: Path,
@@ -324,6 +355,9 @@ def import_coco(
     coco, categories = loaded if loaded is not None else load_coco(Path(annotations))
     settings = {
         "annotations": str(Path(annotations).resolve()),
+        # The content, not only the name: a store is never silently replaced by one built
+        # from other annotations, nor a run resumed on it (issue 15).
+        "annotations_sha1": file_sha1(Path(annotations)),
         "min_area": min_area,
         "max_objects_per_image": max_objects_per_image,
     }
@@ -341,6 +375,8 @@ def import_coco(
         if images_root is not None:
             try:  # the header only: a million-image import must not decode every file
                 upright = probe_image(Path(images_root) / image["file_name"])
+                if _cut_short(Path(images_root) / image["file_name"]):
+                    missing.append(f"{image['file_name']}: truncated (no end marker)")
                 if upright == (image["height"], image["width"]) != upright[::-1]:
                     orientation = exif_orientation(Path(images_root) / image["file_name"])
             except UnreadableImageError as error:

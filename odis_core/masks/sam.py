@@ -79,6 +79,11 @@ def load_sam(model_type: str, checkpoint: Path, device: str = "cpu") -> Sam:
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
         raise SamError(f"{checkpoint}: SAM checkpoint not found")
+    if _is_safetensors(checkpoint):
+        raise SamError(
+            f"{checkpoint}: a safetensors file; SAM loads the official .pth checkpoints "
+            "(sam_vit_b_01ec64.pth, sam_vit_l_0b3195.pth, sam_vit_h_4b8939.pth)"
+        )
     try:
         sam = segment_anything.sam_model_registry[model_type](checkpoint=str(checkpoint))
     except RuntimeError as error:
@@ -91,12 +96,26 @@ def load_sam(model_type: str, checkpoint: Path, device: str = "cpu") -> Sam:
                 f"checkpoint?): {detail[:300]}"
             ) from None
         raise SamError(f"{checkpoint}: cannot load ({detail[:300]})") from None
-    except (pickle.UnpicklingError, EOFError, ValueError, OSError) as error:
+    except pickle.UnpicklingError:
+        # torch's weights_only refusal is a paragraph of advice; one line says what matters.
+        raise SamError(
+            f"{checkpoint}: not a SAM .pth checkpoint (torch cannot load it as plain weights)"
+        ) from None
+    except (EOFError, ValueError, OSError) as error:
         first_line = str(error).strip().split("\n")[0][:300]
         raise SamError(f"{checkpoint}: not a readable checkpoint ({first_line})") from None
     sam = sam.to(device).eval()
     _ORIGIN[sam] = {"model_type": model_type, "checkpoint": checkpoint.name}
     return sam
+
+
+def _is_safetensors(path: Path) -> bool:
+    """A safetensors file starts with an 8-byte header length and a JSON object."""
+    if path.suffix == ".safetensors":
+        return True
+    with open(path, "rb") as handle:
+        head = handle.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 1 << 30
 
 
 def _quality(record: dict[str, Any]) -> float:

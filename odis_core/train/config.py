@@ -140,9 +140,17 @@ class PretrainConfig:
         # iBOT's schedules need warm-ups no longer than the run; short runs shorten them.
         config.warmup_epochs = min(config.warmup_epochs, config.epochs)
         config.warmup_teacher_temp_epochs = min(config.warmup_teacher_temp_epochs, config.epochs)
-        for name in ("epochs", "batch_size", "n_global_crops", "patch_size"):
-            if getattr(config, name) < 1:
-                raise ValueError(f"{name} must be >= 1")
+        for name in ("epochs", "batch_size", "n_global_crops", "patch_size", "max_steps",
+                     "save_every", "global_size", "local_size", "out_dim", "depth"):
+            value = getattr(config, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{_option(name)} {value}: must be >= 1")
+        for name in ("lr", "min_lr", "workers", "n_local_crops", "weight_decay", "clip_grad"):
+            value = getattr(config, name)
+            if value < 0:
+                raise ValueError(f"{_option(name)} {value}: must be >= 0")
+        if config.device not in ("auto", "cpu") and not config.device.startswith("cuda"):
+            raise ValueError(f"--device {config.device}: use auto, cpu or cuda (cuda:N)")
         if config.attention_impl not in ("auto", "split", "dense"):
             raise ValueError(f"attention_impl: auto, split or dense, not {config.attention_impl!r}")
         if config.steps is not None and config.steps < 1:
@@ -210,6 +218,11 @@ def _fits(value: Any, hint: Any) -> bool:
 
 def _type_name(hint: Any) -> str:
     return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
+
+
+def _option(name: str) -> str:
+    """The command-line spelling of a config key (messages name what the user typed)."""
+    return f"{name} (--{name.replace('_', '-')})"
 
 
 def load_config_file(path: Path | str) -> PretrainConfig:

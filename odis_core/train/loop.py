@@ -20,7 +20,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,8 +48,16 @@ from odis_core.train.checkpoint import (
 from odis_core.train.config import ARCH_OVERRIDES, PretrainConfig
 from odis_core.train.curve import CURVE_NAME, curve_table, evaluation_rows, plot_curve, read_rows
 from odis_core.train.ema import make_teacher, update_teacher
+from odis_core.train.memory import check_step_fits
 from odis_core.train.metrics import METRICS_NAME, CollapseWatch, RunLog
+from odis_core.train.resume import (
+    check_same_store,
+    ignored_settings,
+    remove_stale_temporaries,
+    store_fingerprint,
+)
 from odis_core.train.schedules import cosine_schedule_steps
+from odis_core.train.signals import ignore_stop_signals_in_worker
 
 # How to run, not what to compute: taken from the command line even when resuming.
 RUN_CONTROL_FIELDS = (
@@ -131,6 +139,21 @@ class Evaluated:
     knn_top5: float
     effective_rank: float  # participation ratio of the bank features' covariance
     seconds: float  # forward passes + search (the images were decoded once, up front)
+
+
+@dataclass
+class Notice:
+    """Something the user should read once (a resume from step 0, ignored settings)."""
+
+    message: str
+
+
+@dataclass
+class RunStopped:
+    """A stop was requested (SIGTERM, SIGINT): the current step finished and was saved."""
+
+    step: int
+    path: Path
 
 
 @dataclass
@@ -541,6 +564,9 @@ def pretrain(
     store: MaskStore,
     out_dir: Path | str,
     resume: bool = False,
+    given: Iterable[str] = (),
+    stop_requested: Callable[[], bool] | None = None,
+    memory_check: bool = True,
 ) -> Iterator[
     RunStarted
     | ScheduleWarning
@@ -548,19 +574,34 @@ def pretrain(
     | CollapseWarning
     | Evaluated
     | CheckpointSaved
+    | Notice
+    | RunStopped
     | RunFinished
 ]:
     """Run (or resume) pretraining, yielding events; writes into `out_dir` (rank 0 only):
     config.json (resolved), checkpoint.pt (latest, atomic), metrics.jsonl, tensorboard/,
-    report.json. Under torchrun it joins the process group and trains with DDP."""
+    report.json. Under torchrun it joins the process group and trains with DDP.
+    `resume` on a directory without a complete checkpoint starts at step 0 (a Notice says
+    so). `given`: names of settings the user set; on resume those the checkpoint overrides
+    are named in a Notice. `stop_requested()` is polled after each step: when true, the
+    run checkpoints, yields RunStopped and ends. `memory_check`: refuse, before the first
+    step, a batch estimated not to fit in the memory available (odis_core.train.memory)."""
     out_dir, images_root = Path(out_dir), Path(images_root)
     checkpoint_path = out_dir / CHECKPOINT_NAME
     state = None
-    if resume:
+    if out_dir.is_dir() and os.environ.get("RANK", "0") == "0":
+        remove_stale_temporaries(out_dir)
+    if resume and not checkpoint_path.is_file():
+        yield Notice(f"--resume: no complete checkpoint in {out_dir}; starting from step 0")
+    elif resume:
         # The method's settings come from the checkpoint; how to run (device, workers, when
         # to stop, how often to save) from this invocation.
         state = load_checkpoint(checkpoint_path)
+        check_same_store(state, store)
         saved = PretrainConfig.from_dict(state["config"], source=str(checkpoint_path))
+        ignored = ignored_settings(saved, config, given, RUN_CONTROL_FIELDS)
+        if ignored:
+            yield Notice("--resume keeps the checkpoint's settings; ignored: " + "; ".join(ignored))
         config = dataclasses.replace(
             saved, **{name: getattr(config, name) for name in RUN_CONTROL_FIELDS}
         )
@@ -573,8 +614,10 @@ def pretrain(
         config = dataclasses.replace(config, augment_on="device" if on_gpu else "loader")
     # Resolved once and saved with the run (config.json, checkpoint): a resume keeps it.
     config = dataclasses.replace(config, precision=resolve_precision(config.precision, device))
+    if memory_check:
+        check_step_fits(config, device)
     try:
-        yield from _run(config, images_root, store, out_dir, state, device)
+        yield from _run(config, images_root, store, out_dir, state, device, stop_requested)
     finally:
         if joined_here:  # a process group the caller created stays theirs
             distributed.shutdown()
@@ -587,6 +630,7 @@ def _run(
     out_dir: Path,
     state: dict[str, Any] | None,
     device: str,
+    stop_requested: Callable[[], bool] | None = None,
 ) -> Iterator[
     RunStarted
     | ScheduleWarning
@@ -594,6 +638,7 @@ def _run(
     | CollapseWarning
     | Evaluated
     | CheckpointSaved
+    | RunStopped
     | RunFinished
 ]:
     set_determinism(config.deterministic)
@@ -644,6 +689,8 @@ def _run(
         else set()
     )
     eval_times: list[float] = []  # this invocation's evaluations (their cost)
+    fingerprint = store_fingerprint(store)
+    stopped = False
     try:
         if monitor is not None and trainer.step not in evaluated_steps:
             yield _evaluate(monitor, trainer, log, evaluated_steps, eval_times)
@@ -663,6 +710,8 @@ def _run(
                 # Its own generator: a loader left to draw its base seed from the global RNG
                 # would shift the drop-path stream at every (re)start and break exact resume.
                 generator=torch.Generator().manual_seed(config.seed),
+                # A stop signal is the main process's to handle (finish the step, save).
+                worker_init_fn=ignore_stop_signals_in_worker,
             )
             waited_from = time.perf_counter()
             for batch in loader:
@@ -719,21 +768,33 @@ def _run(
                     yield _evaluate(monitor, trainer, log, evaluated_steps, eval_times)
                 end_of_epoch = trainer.step % iters_per_epoch == 0
                 periodic = config.save_every and trainer.step % config.save_every == 0
-                if end_of_epoch or periodic or trainer.step == total_steps:
+                # Every rank stops at the same step (torchrun signals each rank itself).
+                stopped = stop_requested is not None and not distributed.all_true(
+                    not stop_requested(), device
+                )
+                if end_of_epoch or periodic or trainer.step == total_steps or stopped:
                     checkpoint_state = trainer.state()  # collective: every rank takes part
+                    checkpoint_state["store"] = fingerprint  # a resume on another is refused
                     if log is not None:
                         log.flush()
                         _save(checkpoint_path, checkpoint_state)
                     last_saved_step = trainer.step
                     yield CheckpointSaved(trainer.step, checkpoint_path)
-                if trainer.step >= total_steps:
+                if trainer.step >= total_steps or stopped:
                     break
                 waited_from = time.perf_counter()
-        if monitor is not None and trainer.step not in evaluated_steps:  # a run ended by skips
+            if stopped:
+                break
+        # A run ended by skipped batches still gets its last evaluation; a stopped one not
+        # (a scheduler's grace period is short).
+        if monitor is not None and trainer.step not in evaluated_steps and not stopped:
             yield _evaluate(monitor, trainer, log, evaluated_steps, eval_times)
     finally:
         if log is not None:
             log.close()
+    if stopped and trainer.step < total_steps:  # a stop at the last step is simply the end
+        yield RunStopped(trainer.step, checkpoint_path)
+        return
 
     elapsed = time.perf_counter() - started
     report = {

@@ -68,6 +68,7 @@ class RunLog:
 
     def write(self, record: dict[str, Any]) -> None:
         self.handle.write(json.dumps(record) + "\n")
+        self.handle.flush()  # every step: `tail -f metrics.jsonl` follows the run
         if self.writer is not None:
             for key, tag in _TAGS.items():
                 value = record.get(key)

@@ -25,7 +25,7 @@ RECIPE_DIRS = (
 MEANINGS = {
     "pos_embed_resample": "local crops' position embedding: ibot (scale-factor bicubic, official) or timm",
     "obj_readout": "read-out [OBJ] tokens: no token attends to an [OBJ] key (issue 19)",
-    "steps": "schedule length in steps (null: epochs x steps per epoch); the run trains this many",
+    "steps": "schedule length in steps (null: epochs x steps/epoch); the run trains that many",
     "precision": "autocast: auto (bf16 on CUDA and on CPUs with bf16 matrix units), bf16 or fp32",
     "eval_k": "k of the online k-NN monitor's weighted vote",
     "arch": "ViT width: vit_tiny, vit_small, vit_base, vit_large or a timm vit_* name",
