@@ -23,7 +23,7 @@ RECIPE_DIRS = (
 
 # One line per key: what it controls (spec section or iBOT argument where it has one).
 MEANINGS = {
-    "pos_embed_resample": "local crops' position grid: ibot (scale-factor bicubic, official) or timm",
+    "pos_embed_resample": "local crops' pos grid: ibot (scale-factor bicubic, official), timm",
     "obj_readout": "read-out [OBJ] tokens: no token attends to an [OBJ] key (issue 19)",
     "steps": "schedule length in steps (null: epochs x steps/epoch); the run trains that many",
     "precision": "autocast: auto (bf16 on CUDA and on CPUs with bf16 matrix units), bf16 or fp32",
