@@ -26,6 +26,7 @@ from torchvision.transforms import InterpolationMode
 
 from odis_core.crops.batched_photometric import draw_photometric_params
 from odis_core.crops.photometric import Photometric, normalize_only, view_kind
+from odis_core.crops.stage_clock import StageClock
 
 # Spec §3: "a patch is in when the object covers at least half of it".
 PATCH_IN_THRESHOLD = 0.5
@@ -294,18 +295,27 @@ class ObjectMultiCrop:
         self._local_photometric = Photometric(view_kind(0, is_global=False))
 
     def __call__(
-        self, image: Image.Image, object_mask: np.ndarray, generator: torch.Generator
+        self,
+        image: Image.Image,
+        object_mask: np.ndarray,
+        generator: torch.Generator,
+        clock: StageClock | None = None,
     ) -> MultiCropViews:
-        """image: RGB PIL image; object_mask: (H, W) bool of the target object, same size."""
+        """image: RGB PIL image; object_mask: (H, W) bool of the target object, same size.
+
+        clock: adds this call's time per stage to it (benchmarks; None: not timed)."""
         if object_mask.shape != (image.height, image.width):
             raise ValueError(
                 f"object mask {object_mask.shape} does not match image {image.height}x{image.width}"
             )
+        started = clock.now() if clock is not None else 0.0
         integral = ObjectIntegral(object_mask)
         box = _mask_box_xyxy(object_mask)
         # An object that fills the image (the whole-image fallback) is shown by every crop;
         # requiring its box inside a global crop would fail 20 times for nothing.
         object_aware = self.object_aware and not bool(object_mask.all())
+        if clock is not None:
+            started = clock.lap("mask integral", started)
         views = MultiCropViews([], [], [], [], 0)
         for index in range(self.n_global + self.n_local):
             is_global = index < self.n_global
@@ -323,6 +333,8 @@ class ObjectMultiCrop:
                 object_aware,
             )
             views.crop_failures += int(not success)
+            if clock is not None:
+                started = clock.lap("crop sampling", started)
             grid = (size // self.patch_size, size // self.patch_size)
             coverage = integral.patch_coverage(crop, grid)
             flip = torch.rand((), generator=generator).item() < 0.5
@@ -330,11 +342,15 @@ class ObjectMultiCrop:
                 coverage = torch.flip(coverage, dims=[1])
             masks = views.global_patch_masks if is_global else views.local_patch_masks
             masks.append(patchify(coverage))
+            if clock is not None:
+                started = clock.lap("patch masks", started)
             if not self.render_pixels:
                 kind = view_kind(index, is_global)
                 params = draw_photometric_params(kind, generator, enabled=self.photometric)
                 plans = views.global_plans if is_global else views.local_plans
                 plans.append(ViewPlan(crop, flip, params))
+                if clock is not None:
+                    started = clock.lap("render + photometric", started)
                 continue
             view = TF.resized_crop(
                 image,
@@ -354,6 +370,8 @@ class ObjectMultiCrop:
                 tensor = normalize_only(view)
             images = views.global_images if is_global else views.local_images
             images.append(tensor)
+            if clock is not None:
+                started = clock.lap("render + photometric", started)
         return views
 
 
