@@ -302,7 +302,12 @@ def data_pipeline(
 
 
 def loader_throughput(
-    config: PretrainConfig, images_root: Path, store, workers: int, device: str = "cpu"
+    config: PretrainConfig,
+    images_root: Path,
+    store,
+    workers: int,
+    device: str = "cpu",
+    max_images: int | None = None,
 ) -> dict:
     """What the CPU side can feed with `workers` processes, no model: images/s of the loader
     (decode, object-aware crops, MIM masks, collate; with `augment_on="loader"` also the PIL
@@ -324,6 +329,8 @@ def loader_throughput(
         images += len(batch)
         if batch.pending is not None and len(batches) < 5:
             batches.append(batch)
+        if max_images is not None and images >= max_images:
+            break
     seconds = time.perf_counter() - started
     result = {
         "loader_images_per_second": images / seconds if seconds > 0 and images else float("nan")
@@ -381,21 +388,30 @@ def scene_store(
 
 
 def loader_stage_costs(config: PretrainConfig, images_root: Path, store, n_samples: int) -> dict:
-    """Milliseconds per sample and stage (`StageClock`), in this process, one thread's worth,
-    over the first `n_samples` images; plus the crops that fell back to the best try."""
+    """CPU milliseconds per sample and stage (`StageClock`), in this process, over the first
+    `n_samples` images; plus the crops among them that fell back to the best try."""
     from odis_core.crops.stage_clock import StageClock
     from odis_core.train.loop import make_dataset
 
     dataset = make_dataset(config.resolved(), store, images_root)
-    dataset.clock = StageClock()
+    # CPU time of this thread, with one torch thread as in a loader worker: on a shared
+    # machine other processes stretch wall time, much less the CPU time a sample needs.
+    dataset.clock = StageClock(timer=time.thread_time)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     crops = fallbacks = 0
-    started = time.perf_counter()
-    for index in range(min(n_samples, len(dataset))):
-        sample = dataset[index]
-        if sample is not None:
-            fallbacks += sample.crop_failures
-            crops += len(sample.global_patch_masks) + len(sample.local_patch_masks)
-    total_ms = 1000 * (time.perf_counter() - started) / max(dataset.clock.samples, 1)
+    try:
+        dataset[0]  # first-call costs (imports, caches) are not per-sample costs
+        dataset.clock = StageClock(timer=time.thread_time)
+        started = time.thread_time()
+        for index in range(min(n_samples, len(dataset))):
+            sample = dataset[index]
+            if sample is not None:
+                fallbacks += sample.crop_failures
+                crops += len(sample.global_patch_masks) + len(sample.local_patch_masks)
+        total_ms = 1000 * (time.thread_time() - started) / max(dataset.clock.samples, 1)
+    finally:
+        torch.set_num_threads(threads)
     return {
         "stages_ms": dataset.clock.per_sample_ms(),
         "sample_ms": total_ms,
@@ -456,7 +472,12 @@ def objective_ratio(args: argparse.Namespace, config: PretrainConfig) -> dict:
                 run_config = dataclasses.replace(config, objective=objective)
                 figures: dict = {}
                 loader = loader_throughput(
-                    run_config.resolved(), images_root, store, args.workers, args.device
+                    run_config.resolved(),
+                    images_root,
+                    store,
+                    args.workers,
+                    args.device,
+                    max_images=args.loader_images,
                 )
                 figures["loader_images_per_second"] = loader["loader_images_per_second"]
                 if args.full_steps:
@@ -507,7 +528,7 @@ def print_objective_ratio(args: argparse.Namespace, summary: dict) -> None:
     odis, image = summary["median"]["odis"], summary["median"]["image"]
     config = summary["config"]
     stages = Table(
-        title=f"loader cost per sample (ms, in-process, first {args.profile_samples} images, "
+        title=f"loader CPU ms per sample (1 thread, first {args.profile_samples} images, "
         f"median of {args.rounds} interleaved rounds): {args.n_scenes} {args.scene_size}-px "
         f"{args.scene_format.upper()} scenes, {args.min_objects}-{args.max_objects} objects, "
         f"2x{config['global_size']} + {config['n_local_crops']}x{config['local_size']} crops, "
@@ -585,6 +606,12 @@ def add_objective_ratio_options(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=0,
         help="also time whole `pretrain` runs of this many steps (0: loader only)",
+    )
+    group.add_argument(
+        "--loader-images",
+        type=int,
+        default=None,
+        help="stop the loader-only timing after this many images (default: all scenes)",
     )
     group.add_argument(
         "--profile-samples",

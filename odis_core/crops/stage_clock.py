@@ -8,6 +8,7 @@ compare the ODIS loader's per-sample cost with the image objective's, stage by s
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 # The stages in the order a sample passes through them.
@@ -24,18 +25,21 @@ STAGES: tuple[str, ...] = (
 
 @dataclass
 class StageClock:
-    """Accumulated seconds per stage; `lap` closes one stage and starts the next."""
+    """Accumulated seconds per stage; `lap` closes one stage and starts the next.
+
+    timer: wall time by default; `time.thread_time` counts this thread's CPU time only,
+    which other processes on a shared machine disturb far less (one torch thread)."""
 
     seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
     samples: int = 0
+    timer: Callable[[], float] = time.perf_counter
 
-    @staticmethod
-    def now() -> float:
-        return time.perf_counter()
+    def now(self) -> float:
+        return self.timer()
 
     def lap(self, stage: str, started: float) -> float:
         """Add the time since `started` to `stage`; returns now (the next stage's start)."""
-        now = time.perf_counter()
+        now = self.timer()
         self.seconds[stage] += now - started
         return now
 
