@@ -369,7 +369,12 @@ def scene_store(root: Path, n_images: int, image_size: int, processes: int = 1):
 
 
 def loader_throughput(
-    config: PretrainConfig, images_root: Path, store, workers: int, device: str = "cpu"
+    config: PretrainConfig,
+    images_root: Path,
+    store,
+    workers: int,
+    device: str = "cpu",
+    max_images: int | None = None,
 ) -> dict:
     """What the CPU side can feed with `workers` processes, no model: images/s of the loader
     (decode, object-aware crops, MIM masks, collate; with `augment_on="loader"` also the PIL
@@ -391,6 +396,8 @@ def loader_throughput(
         images += len(batch)
         if batch.pending is not None and len(batches) < 5:
             batches.append(batch)
+        if max_images is not None and images >= max_images:
+            break
     seconds = time.perf_counter() - started
     result = {
         "loader_images_per_second": images / seconds if seconds > 0 and images else float("nan")
@@ -406,6 +413,279 @@ def loader_throughput(
         seconds = time.perf_counter() - started
         result["render_images_per_second"] = sum(map(len, moved)) / seconds
     return result
+
+
+# ------------------------------------------------------------------------------------------
+# ODIS vs image objective on multi-object scenes (issue 14, part 5): where the ODIS loader
+# spends its time per sample, and the whole-run img/s ratio at equal workers.
+# `--objective-ratio`; everything it needs lives in this section.
+
+
+def scene_store(
+    root: Path, n_images: int, size: int, objects: tuple[int, int], image_format: str
+) -> tuple[Path, object]:
+    """Synthetic scenes of `size` px with objects[0]..objects[1] objects each, written as
+    `image_format` (png or jpeg, quality 90) and imported as a mask store of COCO RLEs.
+    Reused when `root` already holds the same set (a marker file names its settings)."""
+    from PIL import Image
+
+    from odis_core.masks.coco import import_coco
+    from odis_core.masks.store import MaskStore
+    from odis_core.scenes.synthetic import SceneConfig, generate_scenes
+
+    settings = {"n": n_images, "size": size, "objects": list(objects), "format": image_format}
+    marker = root / "scene_set.json"
+    images_dir, masks = root / "scenes" / "train" / "images", root / "masks"
+    if marker.exists() and json.loads(marker.read_text()) == settings:
+        return images_dir, MaskStore.open(masks)
+    scene_config = SceneConfig(image_size=size, min_objects=objects[0], max_objects=objects[1])
+    split = generate_scenes(root / "scenes", n_images, 0, seed=0, config=scene_config)["train"]
+    if image_format == "jpeg":  # re-encode and point the COCO file at the JPEGs
+        coco = json.loads(split.annotations.read_text())
+        for image in coco["images"]:
+            png = split.images_dir / image["file_name"]
+            jpeg = png.with_suffix(".jpg")
+            Image.open(png).convert("RGB").save(jpeg, format="JPEG", quality=90)
+            png.unlink()
+            image["file_name"] = jpeg.name
+        split.annotations.write_text(json.dumps(coco))
+    store, _ = import_coco(split.annotations, masks, images_root=split.images_dir)
+    marker.write_text(json.dumps(settings))
+    return split.images_dir, store
+
+
+def loader_stage_costs(config: PretrainConfig, images_root: Path, store, n_samples: int) -> dict:
+    """CPU milliseconds per sample and stage (`StageClock`), in this process, over the first
+    `n_samples` images; plus the crops among them that fell back to the best try."""
+    from odis_core.crops.stage_clock import StageClock
+    from odis_core.train.loop import make_dataset
+
+    dataset = make_dataset(config.resolved(), store, images_root)
+    # CPU time of this thread, with one torch thread as in a loader worker: on a shared
+    # machine other processes stretch wall time, much less the CPU time a sample needs.
+    dataset.clock = StageClock(timer=time.thread_time)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    crops = fallbacks = 0
+    try:
+        dataset[0]  # first-call costs (imports, caches) are not per-sample costs
+        dataset.clock = StageClock(timer=time.thread_time)
+        started = time.thread_time()
+        for index in range(min(n_samples, len(dataset))):
+            sample = dataset[index]
+            if sample is not None:
+                fallbacks += sample.crop_failures
+                crops += len(sample.global_patch_masks) + len(sample.local_patch_masks)
+        total_ms = 1000 * (time.thread_time() - started) / max(dataset.clock.samples, 1)
+    finally:
+        torch.set_num_threads(threads)
+    return {
+        "stages_ms": dataset.clock.per_sample_ms(),
+        "sample_ms": total_ms,
+        "crop_fallbacks": fallbacks,
+        "crops": crops,
+    }
+
+
+def whole_run_images_per_second(
+    config: PretrainConfig, images_root: Path, store, out_dir: Path
+) -> dict:
+    """`odis_core.train.loop.pretrain` for `config.max_steps` steps: its report's img/s
+    (wall time of the whole run: worker start-up, steps, checkpoint) and crop fallbacks."""
+    from odis_core.train.loop import RunFinished, pretrain
+
+    report: dict = {}
+    for event in pretrain(config, images_root, store, out_dir):
+        if isinstance(event, RunFinished):
+            report = dict(event.report)
+    return {
+        "images_per_second": report.get("images_per_second", float("nan")),
+        "crop_fallbacks": report.get("crop_fallbacks"),
+        "data_wait_share": report.get("data_wait_share"),
+    }
+
+
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def objective_ratio(args: argparse.Namespace, config: PretrainConfig) -> dict:
+    """ODIS vs image, interleaved (odis, image, odis, image, ...) for `args.rounds` rounds:
+    loader-only img/s with `args.workers` workers, optionally whole `pretrain` runs of
+    `args.full_steps` steps, and the per-stage loader cost per sample; medians and ratios."""
+    if args.recipe == "demo":
+        from odis_core.demo import DemoSettings
+
+        config = dataclasses.replace(DemoSettings().pretrain, device=args.device)
+    config = dataclasses.replace(
+        config, workers=args.workers, tensorboard=False, augment_on=args.augment_on
+    )
+    if config.augment_on == "auto":
+        config = dataclasses.replace(
+            config, augment_on="device" if args.device.startswith("cuda") else "loader"
+        )
+    objects = (args.min_objects, args.max_objects)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = args.scenes_dir or Path(tmp) / "scene_set"
+        root.mkdir(parents=True, exist_ok=True)
+        images_root, store = scene_store(
+            root, args.n_scenes, args.scene_size, objects, args.scene_format
+        )
+        rounds: dict[str, list[dict]] = {"odis": [], "image": []}
+        for round_index in range(args.rounds):
+            for objective in rounds:
+                run_config = dataclasses.replace(config, objective=objective)
+                figures: dict = {}
+                loader = loader_throughput(
+                    run_config.resolved(),
+                    images_root,
+                    store,
+                    args.workers,
+                    args.device,
+                    max_images=args.loader_images,
+                )
+                figures["loader_images_per_second"] = loader["loader_images_per_second"]
+                if args.full_steps:
+                    full_config = dataclasses.replace(
+                        run_config, max_steps=args.full_steps, epochs=max(config.epochs, 1)
+                    )
+                    out_dir = Path(tmp) / f"run_{objective}_{round_index}"
+                    figures["whole_run"] = whole_run_images_per_second(
+                        full_config, images_root, store, out_dir
+                    )
+                figures["stages"] = loader_stage_costs(
+                    run_config, images_root, store, args.profile_samples
+                )
+                rounds[objective].append(figures)
+    summary: dict = {"config": config.to_dict(), "rounds": rounds, "median": {}}
+    for objective, measured in rounds.items():
+        stage_names = measured[0]["stages"]["stages_ms"]
+        summary["median"][objective] = {
+            "loader_images_per_second": median([m["loader_images_per_second"] for m in measured]),
+            "sample_ms": median([m["stages"]["sample_ms"] for m in measured]),
+            "stages_ms": {
+                name: median([m["stages"]["stages_ms"][name] for m in measured])
+                for name in stage_names
+            },
+            "crop_fallbacks": measured[0]["stages"]["crop_fallbacks"],
+            "crops": measured[0]["stages"]["crops"],
+        }
+        if args.full_steps:
+            summary["median"][objective]["whole_run_images_per_second"] = median(
+                [m["whole_run"]["images_per_second"] for m in measured]
+            )
+            summary["median"][objective]["whole_run_crop_fallbacks"] = measured[0]["whole_run"][
+                "crop_fallbacks"
+            ]
+    odis, image = summary["median"]["odis"], summary["median"]["image"]
+    summary["ratio"] = {
+        "loader": odis["loader_images_per_second"] / image["loader_images_per_second"],
+        "sample_cost": image["sample_ms"] / odis["sample_ms"],
+    }
+    if args.full_steps:
+        summary["ratio"]["whole_run"] = (
+            odis["whole_run_images_per_second"] / image["whole_run_images_per_second"]
+        )
+    return summary
+
+
+def print_objective_ratio(args: argparse.Namespace, summary: dict) -> None:
+    odis, image = summary["median"]["odis"], summary["median"]["image"]
+    config = summary["config"]
+    stages = Table(
+        title=f"loader CPU ms per sample (1 thread, first {args.profile_samples} images, "
+        f"median of {args.rounds} interleaved rounds): {args.n_scenes} {args.scene_size}-px "
+        f"{args.scene_format.upper()} scenes, {args.min_objects}-{args.max_objects} objects, "
+        f"2x{config['global_size']} + {config['n_local_crops']}x{config['local_size']} crops, "
+        f"augment on {config['augment_on']}"
+    )
+    for column in ("stage", "odis ms", "image ms", "odis - image ms"):
+        stages.add_column(column, justify="left" if column == "stage" else "right")
+    for name in odis["stages_ms"]:
+        a, b = odis["stages_ms"][name], image["stages_ms"][name]
+        stages.add_row(name, f"{a:.3f}", f"{b:.3f}", f"{a - b:+.3f}")
+    stages.add_row(
+        "whole sample",
+        f"{odis['sample_ms']:.3f}",
+        f"{image['sample_ms']:.3f}",
+        f"{odis['sample_ms'] - image['sample_ms']:+.3f}",
+    )
+    console.print(stages)
+    console.print(
+        f"crop fallbacks (crops kept as the best-coverage try after {config['max_crop_tries']} "
+        f"failed tries), first {args.profile_samples} images: odis {odis['crop_fallbacks']} of "
+        f"{odis['crops']} crops, image {image['crop_fallbacks']} (never re-drawn)",
+        highlight=False,
+    )
+    ratios = Table(title=f"ODIS / image at {args.workers} worker(s), median of {args.rounds}")
+    for column in ("figure", "odis", "image", "odis / image"):
+        ratios.add_column(column, justify="left" if column == "figure" else "right")
+    ratios.add_row(
+        "loader-only img/s",
+        f"{odis['loader_images_per_second']:.1f}",
+        f"{image['loader_images_per_second']:.1f}",
+        f"{summary['ratio']['loader']:.3f}",
+    )
+    ratios.add_row(
+        "1 / (ms per sample)",
+        f"{1000 / odis['sample_ms']:.1f}",
+        f"{1000 / image['sample_ms']:.1f}",
+        f"{summary['ratio']['sample_cost']:.3f}",
+    )
+    if args.full_steps:
+        ratios.add_row(
+            f"whole run img/s ({args.full_steps} steps)",
+            f"{odis['whole_run_images_per_second']:.1f}",
+            f"{image['whole_run_images_per_second']:.1f}",
+            f"{summary['ratio']['whole_run']:.3f}",
+        )
+    console.print(ratios)
+
+
+def add_objective_ratio_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("ODIS vs image objective (--objective-ratio)")
+    group.add_argument(
+        "--objective-ratio",
+        action="store_true",
+        help="ODIS vs image loader cost per stage and img/s ratio on generated scenes",
+    )
+    group.add_argument(
+        "--recipe",
+        default="demo",
+        choices=("demo", "args"),
+        help="demo: `odis demo`'s pretraining settings; args: this command's",
+    )
+    group.add_argument("--n-scenes", type=int, default=2000)
+    group.add_argument("--scene-size", type=int, default=224, help="scene side in px")
+    group.add_argument("--scene-format", default="jpeg", choices=("jpeg", "png"))
+    group.add_argument("--min-objects", type=int, default=2)
+    group.add_argument("--max-objects", type=int, default=4)
+    group.add_argument(
+        "--scenes-dir",
+        type=Path,
+        default=None,
+        help="keep (and reuse) the generated scenes and masks here",
+    )
+    group.add_argument(
+        "--full-steps",
+        type=int,
+        default=0,
+        help="also time whole `pretrain` runs of this many steps (0: loader only)",
+    )
+    group.add_argument(
+        "--loader-images",
+        type=int,
+        default=None,
+        help="stop the loader-only timing after this many images (default: all scenes)",
+    )
+    group.add_argument(
+        "--profile-samples",
+        type=int,
+        default=200,
+        help="images timed stage by stage, per objective and round",
+    )
 
 
 def main() -> None:
@@ -439,6 +719,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--rounds", type=int, default=1, help="repeat all variants; median")
+    add_objective_ratio_options(parser)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -475,6 +756,12 @@ def main() -> None:
         name: functools.partial(variant_step, name, config, device, args.steps)
         for name in VARIANTS
     }
+    if args.objective_ratio:
+        summary = objective_ratio(args, config)
+        print_objective_ratio(args, summary)
+        if args.json:
+            args.json.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        return
     if args.augment_on == "auto":  # as `odis pretrain` resolves it
         args.augment_on = "device" if device.startswith("cuda") else "loader"
     modes = ("loader", "device") if args.augment_on == "both" else (args.augment_on,)

@@ -25,6 +25,7 @@ from odis_core.crops.device_views import (
     source_tensor,
 )
 from odis_core.crops.object_aware import ObjectMultiCrop, ViewPlan
+from odis_core.crops.stage_clock import StageClock
 from odis_core.images import UnreadableImageError, load_rgb
 from odis_core.masks.store import ImageRecord, MaskStore, ObjectRecord, box_to_mask
 
@@ -133,6 +134,8 @@ class ObjectCropDataset(torch.utils.data.Dataset):
         self.mim = mim
         self.seed = seed
         self.epoch = 0
+        # Per-stage timing for the benchmark (None: off); it counts in this process only.
+        self.clock: StageClock | None = None
         grid = multicrop.global_size // multicrop.patch_size
         self.block_masks = (
             BlockMaskGenerator((grid, grid), mim.min_patches_per_block) if mim is not None else None
@@ -153,12 +156,16 @@ class ObjectCropDataset(torch.utils.data.Dataset):
         return len(self.images)
 
     def __getitem__(self, index: int) -> CropSample | None:
+        clock = self.clock
+        started = clock.now() if clock is not None else 0.0
         record = self.images[index]
         generator = sample_generator(self.seed, self.epoch, index)
         try:
             image = load_rgb(self.images_root / record.file_name)
         except UnreadableImageError:
             return None
+        if clock is not None:
+            started = clock.lap("decode image", started)
         candidates = self.candidates(record)
         object_mask = None
         if candidates:
@@ -168,13 +175,20 @@ class ObjectCropDataset(torch.utils.data.Dataset):
         if whole_image:
             # Spec §2: no usable object -> the whole image is the object (iBOT for this image).
             object_mask = np.ones((image.height, image.width), dtype=bool)
-        views = self.multicrop(image, object_mask, generator)
+        if clock is not None:
+            started = clock.lap("decode mask", started)
+        views = self.multicrop(image, object_mask, generator, clock=clock)
+        if clock is not None:
+            started = clock.now()
+        mim_masks = self._mim_masks(len(views.global_patch_masks), generator)
+        if clock is not None:
+            started = clock.lap("mim masks", started)
         sample = CropSample(
             views.global_images,
             views.local_images,
             views.global_patch_masks,
             views.local_patch_masks,
-            self._mim_masks(len(views.global_patch_masks), generator),
+            mim_masks,
             whole_image,
             views.crop_failures,
             index,
@@ -182,6 +196,10 @@ class ObjectCropDataset(torch.utils.data.Dataset):
         if not self.multicrop.render_pixels:
             sample.source, sample.source_scales = source_tensor(image)
             sample.global_plans, sample.local_plans = views.global_plans, views.local_plans
+            if clock is not None:
+                clock.lap("render + photometric", started)
+        if clock is not None:
+            clock.samples += 1
         return sample
 
     def _mim_masks(self, n_global: int, generator: torch.Generator) -> list[Tensor]:

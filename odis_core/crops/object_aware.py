@@ -26,6 +26,7 @@ from torchvision.transforms import InterpolationMode
 
 from odis_core.crops.batched_photometric import draw_photometric_params
 from odis_core.crops.photometric import Photometric, normalize_only, view_kind
+from odis_core.crops.stage_clock import StageClock
 
 # Spec §3: "a patch is in when the object covers at least half of it".
 PATCH_IN_THRESHOLD = 0.5
@@ -67,14 +68,7 @@ def sample_crop_box(
             top = int(torch.randint(0, height - crop_h + 1, size=(1,), generator=generator).item())
             left = int(torch.randint(0, width - crop_w + 1, size=(1,), generator=generator).item())
             return CropBox(top, left, crop_h, crop_w)
-    in_ratio = width / height
-    if in_ratio < min(ratio):
-        crop_w, crop_h = width, int(round(width / min(ratio)))
-    elif in_ratio > max(ratio):
-        crop_h, crop_w = height, int(round(height * max(ratio)))
-    else:
-        crop_h, crop_w = height, width
-    return CropBox((height - crop_h) // 2, (width - crop_w) // 2, crop_h, crop_w)
+    return _central_crop(image_hw, ratio)
 
 
 class ObjectIntegral:
@@ -226,6 +220,165 @@ def sample_object_crop(
     return best_crop, max_tries, False
 
 
+class CropDraws:
+    """RandomResizedCrop tries for one crop: the first attempt of every try drawn up front
+    in ONE generator call ((tries, 4) float64 uniforms), each try's box computed on demand
+    in plain Python.
+
+    Each try follows `sample_crop_box`'s procedure (up to 10 attempts of area-scale uniform
+    and log-ratio uniform, the first that fits, a uniform position; else the central
+    fallback), so its distribution is RandomResizedCrop's. The rare try whose first attempt
+    does not fit draws its other 9 attempts when it is computed. A crop thus costs about one
+    torch call instead of ~8 per try (what made object-aware crops slow).
+    """
+
+    def __init__(
+        self,
+        image_hw: tuple[int, int],
+        scale: tuple[float, float],
+        ratio: tuple[float, float],
+        tries: int,
+        generator: torch.Generator,
+    ) -> None:
+        self.height, self.width = image_hw
+        self.ratio = ratio
+        self.generator = generator
+        self.area = float(self.height * self.width)
+        self.scale_low, self.scale_span = scale[0], scale[1] - scale[0]
+        self.log_low = math.log(ratio[0])
+        self.log_span = math.log(ratio[1]) - self.log_low
+        self.first_attempts = torch.rand((tries, 4), generator=generator, dtype=torch.float64)
+        self.first_attempts = self.first_attempts.tolist()
+
+    def __len__(self) -> int:
+        return len(self.first_attempts)
+
+    def box(self, index: int) -> CropBox:
+        """Try `index`'s crop (call in order: a try may draw its further attempts)."""
+        crop = self._attempt(*self.first_attempts[index])
+        if crop is not None:
+            return crop
+        more = torch.rand((9, 4), generator=self.generator, dtype=torch.float64).tolist()
+        for uniforms in more:
+            crop = self._attempt(*uniforms)
+            if crop is not None:
+                return crop
+        return _central_crop((self.height, self.width), self.ratio)
+
+    def _attempt(
+        self, u_area: float, u_ratio: float, u_top: float, u_left: float
+    ) -> CropBox | None:
+        height, width = self.height, self.width
+        target_area = self.area * (self.scale_low + self.scale_span * u_area)
+        aspect = math.exp(self.log_low + self.log_span * u_ratio)
+        crop_w = round(math.sqrt(target_area * aspect))
+        crop_h = round(math.sqrt(target_area / aspect))
+        if not (0 < crop_w <= width and 0 < crop_h <= height):
+            return None
+        # A uniform integer in [0, H - h] (torch.randint's range) from a uniform in [0, 1).
+        top = min(int(u_top * (height - crop_h + 1)), height - crop_h)
+        left = min(int(u_left * (width - crop_w + 1)), width - crop_w)
+        return CropBox(top, left, crop_h, crop_w)
+
+
+def draw_crop_boxes(
+    image_hw: tuple[int, int],
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    n: int,
+    generator: torch.Generator,
+) -> list[CropBox]:
+    """`n` RandomResizedCrop boxes from one generator call (`CropDraws`)."""
+    draws = CropDraws(image_hw, scale, ratio, n, generator)
+    return [draws.box(index) for index in range(n)]
+
+
+def _central_crop(image_hw: tuple[int, int], ratio: tuple[float, float]) -> CropBox:
+    # RandomResizedCrop's fallback after 10 attempts that do not fit (as in sample_crop_box).
+    height, width = image_hw
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        crop_w, crop_h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        crop_h, crop_w = height, int(round(height * max(ratio)))
+    else:
+        crop_h, crop_w = height, width
+    return CropBox((height - crop_h) // 2, (width - crop_w) // 2, crop_h, crop_w)
+
+
+def _shows_object(
+    integral: ObjectIntegral,
+    crop: CropBox,
+    object_box_xyxy: tuple[float, float, float, float],
+    grid: tuple[int, int],
+    is_global: bool,
+) -> bool:
+    """`sample_object_crop`'s success test for one try, with a cheap exact pre-check."""
+    if is_global:
+        return _contains_box(crop, object_box_xyxy)
+    # A patch at >= 50 % coverage needs at least half a patch of object inside the crop
+    # (the patch integrals sum to the crop's). Most misses stop here, four table reads
+    # instead of the patch grid. The margin (far above float64 rounding of the integrals
+    # and the float32 rounding of the coverage) only lets borderline crops through to the
+    # exact test, so the outcome is always `sample_object_crop`'s.
+    cell_area = (crop.height / grid[0]) * (crop.width / grid[1])
+    if integral.box_sum(crop) < PATCH_IN_THRESHOLD * cell_area * (1 - 1e-6) - 1e-6:
+        return False
+    return float(integral.patch_coverage_array(crop, grid).max()) >= PATCH_IN_THRESHOLD
+
+
+def draw_object_crop(
+    integral: ObjectIntegral,
+    object_box_xyxy: tuple[float, float, float, float],
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    out_size: int,
+    patch_size: int,
+    is_global: bool,
+    generator: torch.Generator,
+    max_tries: int = 20,
+    object_aware: bool = True,
+) -> tuple[CropBox, int, bool]:
+    """`sample_object_crop` with its `max_tries` tries drawn in one generator call
+    (`CropDraws`); returns (crop, tries used, success) by the same rule: the first try that
+    shows the object, else the first try of the largest (object coverage, best-patch
+    coverage). What `ObjectMultiCrop` uses.
+
+    For a seed, not the crops of `sample_object_crop` (the uniforms are drawn at once), but
+    the same distribution of tries and the same choice among them. object_aware=False is
+    `sample_crop_box`, the same draws as before (the image objective's crops are unchanged).
+    """
+    image_hw = (integral.height, integral.width)
+    if not object_aware:
+        return sample_crop_box(image_hw, scale, ratio, generator), 1, True
+    draws = CropDraws(image_hw, scale, ratio, max_tries, generator)
+    grid = (out_size // patch_size, out_size // patch_size)
+    tried = []
+    for index in range(max_tries):
+        crop = draws.box(index)
+        if _shows_object(integral, crop, object_box_xyxy, grid, is_global):
+            return crop, index + 1, True
+        tried.append(crop)
+    return tried[select_fallback(integral, tried, grid, is_global)], max_tries, False
+
+
+def select_fallback(
+    integral: ObjectIntegral, tried: list[CropBox], grid: tuple[int, int], is_global: bool
+) -> int:
+    """Index of the try `sample_object_crop` keeps when none succeeded: the first of the
+    largest (object coverage, best-patch coverage; 0 for global crops). The best-patch
+    coverage only breaks ties, so only the tied tries' patch grids are computed."""
+    coverage = [integral.object_coverage(crop) for crop in tried]
+    best = max(coverage)
+    tied = [index for index, value in enumerate(coverage) if value == best]
+    if is_global or len(tied) == 1:
+        return tied[0]
+    best_patch = {
+        index: float(integral.patch_coverage_array(tried[index], grid).max()) for index in tied
+    }
+    return max(tied, key=best_patch.__getitem__)  # max() keeps the first of equals
+
+
 @dataclass(frozen=True)
 class ViewPlan:
     """A view drawn but not rendered (`render_pixels=False`): the device renders it."""
@@ -294,23 +447,32 @@ class ObjectMultiCrop:
         self._local_photometric = Photometric(view_kind(0, is_global=False))
 
     def __call__(
-        self, image: Image.Image, object_mask: np.ndarray, generator: torch.Generator
+        self,
+        image: Image.Image,
+        object_mask: np.ndarray,
+        generator: torch.Generator,
+        clock: StageClock | None = None,
     ) -> MultiCropViews:
-        """image: RGB PIL image; object_mask: (H, W) bool of the target object, same size."""
+        """image: RGB PIL image; object_mask: (H, W) bool of the target object, same size.
+
+        clock: adds this call's time per stage to it (benchmarks; None: not timed)."""
         if object_mask.shape != (image.height, image.width):
             raise ValueError(
                 f"object mask {object_mask.shape} does not match image {image.height}x{image.width}"
             )
+        started = clock.now() if clock is not None else 0.0
         integral = ObjectIntegral(object_mask)
         box = _mask_box_xyxy(object_mask)
         # An object that fills the image (the whole-image fallback) is shown by every crop;
         # requiring its box inside a global crop would fail 20 times for nothing.
         object_aware = self.object_aware and not bool(object_mask.all())
+        if clock is not None:
+            started = clock.lap("mask integral", started)
         views = MultiCropViews([], [], [], [], 0)
         for index in range(self.n_global + self.n_local):
             is_global = index < self.n_global
             size = self.global_size if is_global else self.local_size
-            crop, _, success = sample_object_crop(
+            crop, _, success = draw_object_crop(
                 integral,
                 box,
                 self.global_scale if is_global else self.local_scale,
@@ -323,6 +485,8 @@ class ObjectMultiCrop:
                 object_aware,
             )
             views.crop_failures += int(not success)
+            if clock is not None:
+                started = clock.lap("crop sampling", started)
             grid = (size // self.patch_size, size // self.patch_size)
             coverage = integral.patch_coverage(crop, grid)
             flip = torch.rand((), generator=generator).item() < 0.5
@@ -330,11 +494,15 @@ class ObjectMultiCrop:
                 coverage = torch.flip(coverage, dims=[1])
             masks = views.global_patch_masks if is_global else views.local_patch_masks
             masks.append(patchify(coverage))
+            if clock is not None:
+                started = clock.lap("patch masks", started)
             if not self.render_pixels:
                 kind = view_kind(index, is_global)
                 params = draw_photometric_params(kind, generator, enabled=self.photometric)
                 plans = views.global_plans if is_global else views.local_plans
                 plans.append(ViewPlan(crop, flip, params))
+                if clock is not None:
+                    started = clock.lap("render + photometric", started)
                 continue
             view = TF.resized_crop(
                 image,
@@ -354,6 +522,8 @@ class ObjectMultiCrop:
                 tensor = normalize_only(view)
             images = views.global_images if is_global else views.local_images
             images.append(tensor)
+            if clock is not None:
+                started = clock.lap("render + photometric", started)
         return views
 
 
