@@ -273,7 +273,8 @@ def test_objects_of_a_batch_get_their_own_image_and_mask(scenes, mode):
     images, store = scenes
     records = list(store.images)[:3]
     backbone = tiny_backbone()
-    batched = embed_records(backbone, images, records, store, "object", mode, 32, batch_size=3)
+    batched = embed_records(backbone, images, records, store, "object", mode, 32, batch_size=3,
+                            precision="fp32")
     dataset = _ObjectInputs(images, records, store, "object", mode, 32, 8)
     expected = []
     for index in range(len(records)):

@@ -7,6 +7,7 @@ import numpy as np
 from typer.testing import CliRunner
 
 from odis_cli.app import app
+from odis_core.precision import resolve_precision
 from odis_core.train.recipes import load_recipe
 
 runner = CliRunner()
@@ -36,6 +37,9 @@ def test_demo_runs_the_whole_pipeline_and_writes_demo_json(tmp_path):
     expected = dataclasses.replace(
         load_recipe("cpu-demo"), epochs=1, workers=0, device="cpu", batch_size=32,
         augment_on="loader",  # what the run resolves "auto" to on a CPU
+        precision=resolve_precision("auto", "cpu"),  # resolved once, kept in config.json
+        # The demo's online k-NN monitor (run control, not part of the recipe).
+        eval_masks=str(workdir / "masks" / "test"), eval_every=1, eval_max_objects=400,
     ).resolved()
     written = json.loads((workdir / "run" / "config.json").read_text())
     assert written == json.loads(json.dumps(expected.to_dict()))
