@@ -421,7 +421,7 @@ def loader_throughput(
 # `--objective-ratio`; everything it needs lives in this section.
 
 
-def scene_store(
+def ratio_scene_store(
     root: Path, n_images: int, size: int, objects: tuple[int, int], image_format: str
 ) -> tuple[Path, object]:
     """Synthetic scenes of `size` px with objects[0]..objects[1] objects each, written as
@@ -530,7 +530,7 @@ def objective_ratio(args: argparse.Namespace, config: PretrainConfig) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         root = args.scenes_dir or Path(tmp) / "scene_set"
         root.mkdir(parents=True, exist_ok=True)
-        images_root, store = scene_store(
+        images_root, store = ratio_scene_store(
             root, args.n_scenes, args.scene_size, objects, args.scene_format
         )
         rounds: dict[str, list[dict]] = {"odis": [], "image": []}
