@@ -20,7 +20,7 @@ from odis_core.crops.batched_photometric import (
     draw_photometric_params,
 )
 from odis_core.crops.photometric import Photometric, PhotometricSettings, normalize_only
-from odis_core.train.config import PretrainConfig
+from odis_core.train.config import PretrainConfig, load_config_file
 from odis_core.train.loop import make_dataset
 
 KINDS = ("global_1", "global_2", "local")
@@ -84,3 +84,13 @@ def test_pretrain_config_reaches_the_crops(tmp_path):
         solarize_prob=0.0,
     )
     assert PretrainConfig().color_jitter == 1.0 and PretrainConfig().solarize_prob == 0.2
+
+
+def test_config_files_may_carry_comment_keys(tmp_path):
+    path = tmp_path / "recipe.json"
+    path.write_text('{"_comment": {"lr": "why"}, "lr": 0.01, "color_jitter": 0.5}')
+    config = load_config_file(path)
+    assert config.lr == 0.01 and config.color_jitter == 0.5
+    path.write_text('{"comment": "not a field"}')
+    with pytest.raises(ValueError, match="unknown option"):
+        load_config_file(path)

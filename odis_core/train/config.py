@@ -159,4 +159,6 @@ def load_config_file(path: Path | str) -> PretrainConfig:
         raise ValueError(f"{path}: malformed JSON ({error})") from None
     if not isinstance(values, dict):
         raise ValueError(f"{path}: expected a JSON object of options")
-    return PretrainConfig.from_dict(values, source=str(path))
+    # Keys starting with "_" are comments (e.g. "_comment": why each value was chosen).
+    options = {key: value for key, value in values.items() if not key.startswith("_")}
+    return PretrainConfig.from_dict(options, source=str(path))
