@@ -50,6 +50,14 @@ from odis_core.train.loop import StepDone, pretrain
 
 K = 20
 TEMPERATURE = 0.07
+# The paper's comparison (spec §8): arm -> PretrainConfig overrides on top of the recipe.
+ARMS: dict[str, dict[str, Any]] = {
+    "odis": {},
+    "ibot": {"objective": "image"},
+    "no_masked_attention": {"masked_attention": False},
+    "no_object_crops": {"object_crops": False},
+    "meanpool": {"feature": "meanpool"},
+}
 
 
 def _load_experiment() -> Any:
@@ -73,6 +81,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--recipes", type=Path, help="JSON: {name: {overrides}} run in order")
     parser.add_argument("--config", type=Path, help="one recipe: a PretrainConfig JSON file")
     parser.add_argument("--name", help="the recipe's name with --config")
+    parser.add_argument("--arms", default="odis",
+                        help="with --config: comma-separated arms of " + ", ".join(ARMS)
+                        + "; each runs as NAME@ARM")
+    parser.add_argument("--report", action="store_true",
+                        help="only write WORKDIR/curves.md and curves.png from the curves")
+    parser.add_argument("--results-json", type=Path,
+                        help="with --config and --report: also write the issue's results JSON")
     parser.add_argument("--milestones", default="0,100,200,300",
                         help="steps at which the teacher is evaluated (a recipe's "
                              "'milestones' key overrides it)")
@@ -87,13 +102,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tiny", action="store_true", help="a few steps on a few scenes")
     args = parser.parse_args(argv)
-    if (args.recipes is None) == (args.config is None):
+    if (args.recipes is None) == (args.config is None) and not args.report:
         parser.error("give exactly one of --recipes or --config")
     if args.config is not None and not args.name:
         args.name = args.config.stem
     if args.tiny:
         args.train_scenes, args.test_scenes, args.bank_scenes, args.canvas_size = 12, 6, 8, 32
     return args
+
+
+def build_data(args: argparse.Namespace) -> tuple[dict[str, Path], dict[str, MaskStore]]:
+    """Scenes and mask stores of the train, test and bank splits (the issue-7 experiment's
+    builder, with this sweep's sizes)."""
+    return experiment.build_data(argparse.Namespace(
+        source=args.source, workdir=args.workdir, train_scenes=args.train_scenes,
+        test_scenes=args.test_scenes, bank_scenes=args.bank_scenes,
+        canvas_size=args.canvas_size, seed=args.seed,
+    ))
 
 
 def base_recipe(args: argparse.Namespace) -> PretrainConfig:
@@ -107,6 +132,7 @@ def base_recipe(args: argparse.Namespace) -> PretrainConfig:
         device="cpu",
         workers=0,
         tensorboard=False,
+        save_every=25,  # a stopped sweep loses at most 25 steps
     )
     if args.tiny:
         config = dataclasses.replace(
@@ -210,9 +236,14 @@ def run_recipe(name: str, overrides: dict[str, Any], milestones: list[int],
 
 
 def read_recipes(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
-    if args.config is not None:
-        return {args.name: json.loads(args.config.read_text(encoding="utf-8"))}
-    return json.loads(args.recipes.read_text(encoding="utf-8"))
+    if args.config is None:
+        return json.loads(args.recipes.read_text(encoding="utf-8"))
+    recipe = json.loads(args.config.read_text(encoding="utf-8"))
+    arms = [arm for arm in args.arms.split(",") if arm]
+    unknown = sorted(set(arms) - set(ARMS))
+    if unknown:
+        raise SystemExit(f"--arms: unknown arm(s) {', '.join(unknown)}")
+    return {f"{args.name}@{arm}": {**recipe, **ARMS[arm]} for arm in arms}
 
 
 def milestones_of(overrides: dict[str, Any], args: argparse.Namespace) -> list[int]:
@@ -221,30 +252,142 @@ def milestones_of(overrides: dict[str, Any], args: argparse.Namespace) -> list[i
     return sorted(set(int(s) for s in steps))
 
 
+def standard_error(top1: float, n_test: int) -> float:
+    return experiment.standard_error(top1, n_test)
+
+
+def load_curves(workdir: Path) -> list[dict[str, Any]]:
+    return [json.loads(path.read_text()) for path in sorted((workdir / "curves").glob("*.json"))]
+
+
+def write_report(args: argparse.Namespace) -> None:
+    """WORKDIR/curves.md (one row per recipe: start, best, end, CPU seconds; every point)
+    and curves.png (top-1 against steps, untrained and raw-pixel lines)."""
+    records = load_curves(args.workdir)
+    raw_path = args.workdir / "raw_pixels.json"
+    raw = json.loads(raw_path.read_text()) if raw_path.is_file() else None
+    lines = ["| recipe | overrides | step 0 | best (step) | last (step) | PR 0 -> last "
+             "| CPU s | wall s |", "|---|---|---:|---:|---:|---|---:|---:|"]
+    for record in records:
+        curve = record["curve"]
+        if not curve:
+            continue
+        first, last = curve[0], curve[-1]
+        best = max(curve, key=lambda p: p["top1"])
+        shown = {k: v for k, v in record["overrides"].items()
+                 if not k.startswith("_") and k != "milestones"}
+        lines.append(
+            f"| {record['name']} | `{json.dumps(shown)}` | {first['top1']:.1f} | "
+            f"{best['top1']:.1f} ({best['step']}) | {last['top1']:.1f} ± "
+            f"{standard_error(last['top1'], last['n_test']):.1f} ({last['step']}) | "
+            f"{first['participation_ratio']:.2f} -> {last['participation_ratio']:.2f} | "
+            f"{last['cpu_s']:.0f} | {last['wall_s']:.0f} |")
+    points = ["", "Every point (step: top-1 / participation ratio):", ""]
+    for record in records:
+        points.append(f"- {record['name']}: " + ", ".join(
+            f"{p['step']}: {p['top1']:.1f} / {p['participation_ratio']:.2f}"
+            for p in record["curve"]))
+    footer = [""]
+    if raw is not None:
+        footer.append(f"Raw pixels ({raw['feature']}, k = {raw['k']}): "
+                      f"{raw['top1']:.1f} % top-1.")
+    (args.workdir / "curves.md").write_text("\n".join(lines + points + footer) + "\n")
+    plot_curves(records, raw, args.workdir / "curves.png")
+    if args.results_json is not None and args.config is not None:
+        write_results_json(args, records, raw)
+
+
+def plot_curves(records: list[dict[str, Any]], raw: dict[str, Any] | None, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(8, 4.5))
+    untrained = None
+    for record in records:
+        curve = record["curve"]
+        if len(curve) < 2:
+            continue
+        axes.plot([p["step"] for p in curve], [p["top1"] for p in curve], marker="o",
+                  markersize=3, label=record["name"])
+        untrained = untrained if untrained is not None else curve[0]["top1"]
+    if untrained is not None:
+        axes.axhline(untrained, color="grey", linestyle="--", linewidth=1, label="untrained")
+    if raw is not None:
+        axes.axhline(raw["top1"], color="black", linestyle=":", linewidth=1, label="raw pixels")
+    axes.set_xlabel("optimizer steps (batch 32)")
+    axes.set_ylabel(f"masked {K}-NN top-1 (%)")
+    axes.set_title("Fashion-MNIST scenes: teacher k-NN during pretraining", fontsize=10)
+    axes.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def write_results_json(args: argparse.Namespace, records: list[dict[str, Any]],
+                       raw: dict[str, Any] | None) -> None:
+    """The issue's machine-readable outcome: one curve per arm of the --config recipe (a
+    curve counts when its run's settings are the recipe's with that arm's overrides,
+    whatever name the sweep ran it under)."""
+    recipe = json.loads(args.config.read_text(encoding="utf-8"))
+    arms = {}
+    for arm, overrides in ARMS.items():
+        wanted = recipe_config(base_recipe(args), {**recipe, **overrides}, "recipe").resolved()
+        settings = json.loads(json.dumps(wanted.to_dict()))
+        settings.pop("max_steps", None)
+        matches = [r for r in records if r["settings"] == settings and r["curve"]]
+        matches.sort(key=lambda r: (r["name"] != f"{args.name}@{arm}", -len(r["curve"])))
+        if matches:
+            record = matches[0]
+            arms[arm] = {
+                "run": record["name"],
+                "curve": [[p["step"], round(p["top1"], 2)] for p in record["curve"]],
+                "participation_ratio": [[p["step"], p["participation_ratio"]]
+                                        for p in record["curve"]],
+                "cpu_s": round(record["cpu_s"], 1), "wall_s": round(record["wall_s"], 1),
+            }
+    odis = arms.get("odis") or next(iter(arms.values()), None)
+    runs = {arm["run"] for arm in arms.values()}
+    first = next((r["curve"][0] for r in records if r["name"] in runs), None)
+    result = {
+        "recipe": str(args.config),
+        "steps": odis["curve"][-1][0] if odis else 0,
+        "wall_s": odis["wall_s"] if odis else None,
+        "cpu_s": odis["cpu_s"] if odis else None,
+        "arms": arms,
+        "missing_arms": [arm for arm in ARMS if arm not in arms],
+        "untrained": {"top1": round(first["top1"], 2)} if first else None,
+        "raw_pixels": {"top1": round(raw["top1"], 2)} if raw else None,
+        "protocol": f"masked inference, weighted k-NN k = {K}, T = {TEMPERATURE}, top-1 %",
+    }
+    args.results_json.write_text(json.dumps(result, indent=2) + "\n")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.report:
+        write_report(args)
+        return
     torch.set_num_threads(args.threads)
     args.workdir.mkdir(parents=True, exist_ok=True)
 
     def log(message: str) -> None:
         print(time.strftime("%H:%M:%S"), message, flush=True)
 
-    data_args = argparse.Namespace(
-        source=args.source, workdir=args.workdir, train_scenes=args.train_scenes,
-        test_scenes=args.test_scenes, bank_scenes=args.bank_scenes,
-        canvas_size=args.canvas_size, seed=args.seed,
-    )
-    images, stores = experiment.build_data(data_args)
-    finished: set[str] = set()
+    images, stores = build_data(args)
+    finished: set[tuple[str, tuple[int, ...]]] = set()
     while True:
-        recipes = read_recipes(args)  # re-read: recipes appended while running are run too
-        pending = [name for name in recipes if name not in finished]
+        # Re-read: recipes appended (or milestones extended) while running are run too.
+        recipes = read_recipes(args)
+        pending = [(name, tuple(milestones_of(overrides, args)))
+                   for name, overrides in recipes.items()]
+        pending = [item for item in pending if item not in finished]
         if not pending:
             break
-        name = pending[0]
-        record = run_recipe(name, recipes[name], milestones_of(recipes[name], args), args,
-                            images, stores, log)
-        finished.add(name)
+        name, milestones = pending[0]
+        record = run_recipe(name, recipes[name], list(milestones), args, images, stores, log)
+        finished.add((name, milestones))
         curve = ", ".join(f"{p['step']}:{p['top1']:.1f}" for p in record["curve"])
         log(f"[{name}] done: {curve}")
 
