@@ -303,15 +303,20 @@ def plot_curves(records: list[dict[str, Any]], raw: dict[str, Any] | None, path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(8, 4.5))
+    figure, (axes, rank_axes) = plt.subplots(1, 2, figsize=(12, 4.5))
     untrained = None
     for record in records:
         curve = record["curve"]
         if len(curve) < 2:
             continue
-        axes.plot([p["step"] for p in curve], [p["top1"] for p in curve], marker="o",
-                  markersize=3, label=record["name"])
+        steps = [p["step"] for p in curve]
+        axes.plot(steps, [p["top1"] for p in curve], marker="o", markersize=3,
+                  label=record["name"])
+        rank_axes.plot(steps, [p["participation_ratio"] for p in curve], marker="o",
+                       markersize=3)
         untrained = untrained if untrained is not None else curve[0]["top1"]
+    rank_axes.set_xlabel("optimizer steps (batch 32)")
+    rank_axes.set_ylabel("participation ratio of the test features")
     if untrained is not None:
         axes.axhline(untrained, color="grey", linestyle="--", linewidth=1, label="untrained")
     if raw is not None:
@@ -319,8 +324,9 @@ def plot_curves(records: list[dict[str, Any]], raw: dict[str, Any] | None, path:
     axes.set_xlabel("optimizer steps (batch 32)")
     axes.set_ylabel(f"masked {K}-NN top-1 (%)")
     axes.set_title("Fashion-MNIST scenes: teacher k-NN during pretraining", fontsize=10)
-    axes.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
-    figure.tight_layout()
+    rank_axes.set_title("how many dimensions the features use", fontsize=10)
+    figure.legend(fontsize=7, loc="lower center", ncol=4)
+    figure.tight_layout(rect=(0, 0.12, 1, 1))
     figure.savefig(path, dpi=120)
     plt.close(figure)
 
