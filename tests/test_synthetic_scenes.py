@@ -145,13 +145,48 @@ def test_pixels_under_each_visible_mask_are_that_objects_texture(scenes):
     assert np.mean(distinct_from_background) > 0.9
 
 
-def test_hue_alone_does_not_separate_neighbouring_classes(scenes):
-    _, composed = scenes
+def _hues_per_class(composed) -> dict[int, list[float]]:
     hues: dict[int, list[float]] = {}
     for scene in composed:
         for obj in scene.objects:
             r, g, b = obj.texture_rgb[obj.full_mask].mean(axis=0) / 255.0
             hues.setdefault(obj.category_id, []).append(colorsys.rgb_to_hsv(r, g, b)[0] * 360)
+    return hues
+
+
+def test_colour_is_drawn_independently_of_the_class(scenes):
+    _, composed = scenes
+    hues = _hues_per_class(composed)
+    everyone = np.concatenate([np.asarray(h) for h in hues.values()])
+    bins = np.linspace(0, 360, 7)
+    overall = np.histogram(everyone, bins)[0] / len(everyone)
+    assert overall.min() > 0.08  # every sixth of the wheel is used
+    for category_id, values in hues.items():
+        # Each class spreads over the whole wheel like the rest: no class-typical hue.
+        per_class = np.histogram(values, bins)[0] / len(values)
+        assert (per_class > 0).all(), category_id
+        assert np.abs(per_class - overall).max() < 0.2, category_id
+    # A nearest-class-mean rule on hue is near chance (it was near perfect with class hues).
+    assert _hue_nearest_mean_accuracy(hues) < 0.25
+
+
+def _hue_nearest_mean_accuracy(hues: dict[int, list[float]]) -> float:
+    angles = {c: np.radians(np.asarray(v)) for c, v in hues.items()}
+    means = {c: np.arctan2(np.sin(a).mean(), np.cos(a).mean()) for c, a in angles.items()}
+    correct = total = 0
+    for c, a in angles.items():
+        for angle in a:
+            distance = {k: abs(np.angle(np.exp(1j * (angle - m)))) for k, m in means.items()}
+            correct += min(distance, key=distance.get) == c
+            total += 1
+    return correct / total
+
+
+def test_class_hues_give_typical_but_overlapping_colours():
+    config = SceneConfig(class_hues=True)
+    composed = [compose_scene(scene_rng(7, index), config) for index in range(150)]
+    hues = _hues_per_class(composed)
+    assert _hue_nearest_mean_accuracy(hues) > 0.6  # the colour cue the default removes
     n_classes, spacing = len(SCENE_CLASSES), 360.0 / len(SCENE_CLASSES)
     for category_id in range(1, n_classes + 1):
         nominal = (category_id - 1) * spacing

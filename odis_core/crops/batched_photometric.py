@@ -28,17 +28,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from odis_core.crops.photometric import (
-    BLUR_PROBABILITY,
     BLUR_SIGMA,
+    IBOT_PHOTOMETRIC,
     IMAGENET_MEAN,
     IMAGENET_STD,
-    SOLARIZE_PROBABILITY,
+    JITTER_STRENGTH,
+    PhotometricSettings,
     ViewKind,
 )
 
-JITTER_PROBABILITY = 0.8
-GRAYSCALE_PROBABILITY = 0.2
-BRIGHTNESS, CONTRAST, SATURATION, HUE = 0.4, 0.4, 0.2, 0.1
+BRIGHTNESS, CONTRAST, SATURATION, HUE = JITTER_STRENGTH
 SOLARIZE_THRESHOLD = 128 / 255
 BLUR_TAPS = 2 * math.ceil(3 * BLUR_SIGMA[1]) + 1
 
@@ -52,7 +51,10 @@ BRIGHTNESS_OP, CONTRAST_OP, SATURATION_OP, HUE_OP = range(4)
 
 
 def draw_photometric_params(
-    kind: ViewKind, generator: torch.Generator, enabled: bool = True
+    kind: ViewKind,
+    generator: torch.Generator,
+    enabled: bool = True,
+    settings: PhotometricSettings = IBOT_PHOTOMETRIC,
 ) -> Tensor:
     """(N_PARAMS,) float32: one view's augmentation, drawn from `generator`.
 
@@ -67,17 +69,18 @@ def draw_photometric_params(
     def coin(probability: float) -> float:
         return float(torch.rand((), generator=generator).item() < probability and enabled)
 
+    brightness, contrast, saturation, hue = settings.jitter_strength()
     params = torch.zeros(N_PARAMS)
-    params[APPLY_JITTER] = coin(JITTER_PROBABILITY)
-    params[BRIGHTNESS_FACTOR] = uniform(1 - BRIGHTNESS, 1 + BRIGHTNESS)
-    params[CONTRAST_FACTOR] = uniform(1 - CONTRAST, 1 + CONTRAST)
-    params[SATURATION_FACTOR] = uniform(1 - SATURATION, 1 + SATURATION)
-    params[HUE_FACTOR] = uniform(-HUE, HUE)
+    params[APPLY_JITTER] = coin(settings.jitter_prob)
+    params[BRIGHTNESS_FACTOR] = uniform(1 - brightness, 1 + brightness)
+    params[CONTRAST_FACTOR] = uniform(1 - contrast, 1 + contrast)
+    params[SATURATION_FACTOR] = uniform(1 - saturation, 1 + saturation)
+    params[HUE_FACTOR] = uniform(-hue, hue)
     params[ORDER_COLUMNS] = torch.randperm(4, generator=generator).float()
-    params[APPLY_GRAYSCALE] = coin(GRAYSCALE_PROBABILITY)
-    params[APPLY_BLUR] = coin(BLUR_PROBABILITY[kind])
+    params[APPLY_GRAYSCALE] = coin(settings.grayscale_prob)
+    params[APPLY_BLUR] = coin(settings.blur_prob(kind))
     params[BLUR_SIGMA_COLUMN] = uniform(*BLUR_SIGMA)
-    params[APPLY_SOLARIZE] = coin(SOLARIZE_PROBABILITY[kind])
+    params[APPLY_SOLARIZE] = coin(settings.solarize_prob_of(kind))
     return params
 
 

@@ -25,7 +25,13 @@ from torch import Tensor
 from torchvision.transforms import InterpolationMode
 
 from odis_core.crops.batched_photometric import draw_photometric_params
-from odis_core.crops.photometric import Photometric, normalize_only, view_kind
+from odis_core.crops.photometric import (
+    IBOT_PHOTOMETRIC,
+    Photometric,
+    PhotometricSettings,
+    normalize_only,
+    view_kind,
+)
 from odis_core.crops.stage_clock import StageClock
 
 # Spec §3: "a patch is in when the object covers at least half of it".
@@ -424,6 +430,7 @@ class ObjectMultiCrop:
         object_aware: bool = True,
         photometric: bool = True,
         render_pixels: bool = True,
+        photometric_settings: PhotometricSettings = IBOT_PHOTOMETRIC,
     ) -> None:
         """render_pixels=False: draw every view (crop, flip, photometric parameters) but
         leave resampling and augmentation to the training device (`device_views.py`)."""
@@ -441,10 +448,12 @@ class ObjectMultiCrop:
         self.object_aware = object_aware
         self.photometric = photometric
         self.render_pixels = render_pixels
+        self.photometric_settings = photometric_settings
         self._global_photometric = [
-            Photometric(view_kind(i, is_global=True)) for i in range(n_global)
+            Photometric(view_kind(i, is_global=True), photometric_settings)
+            for i in range(n_global)
         ]
-        self._local_photometric = Photometric(view_kind(0, is_global=False))
+        self._local_photometric = Photometric(view_kind(0, is_global=False), photometric_settings)
 
     def __call__(
         self,
@@ -498,7 +507,9 @@ class ObjectMultiCrop:
                 started = clock.lap("patch masks", started)
             if not self.render_pixels:
                 kind = view_kind(index, is_global)
-                params = draw_photometric_params(kind, generator, enabled=self.photometric)
+                params = draw_photometric_params(
+                    kind, generator, enabled=self.photometric, settings=self.photometric_settings
+                )
                 plans = views.global_plans if is_global else views.local_plans
                 plans.append(ViewPlan(crop, flip, params))
                 if clock is not None:

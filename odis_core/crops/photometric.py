@@ -4,6 +4,8 @@ Global view 1: colour jitter (0.4, 0.4, 0.2, 0.1) p=0.8, grayscale p=0.2, blur p
 Global view 2: same jitter and grayscale, blur p=0.1, solarize p=0.2.
 Local views:   same jitter and grayscale, blur p=0.5.
 Blur sigma is uniform in [0.1, 2.0] pixels. Then ToTensor and ImageNet normalisation.
+`PhotometricSettings` scales these (its defaults are the values above); small grey data
+may want less colour noise than ImageNet (issue 17).
 
 The torchvision transforms draw from torch's global RNG; each call runs them under a forked
 RNG seeded from the sample's own generator, so a sample's views depend only on its
@@ -12,6 +14,7 @@ RNG seeded from the sample's own generator, so a sample's views depend only on i
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -27,6 +30,30 @@ ViewKind = Literal["global_1", "global_2", "local"]
 BLUR_SIGMA = (0.1, 2.0)
 BLUR_PROBABILITY: dict[str, float] = {"global_1": 1.0, "global_2": 0.1, "local": 0.5}
 SOLARIZE_PROBABILITY: dict[str, float] = {"global_1": 0.0, "global_2": 0.2, "local": 0.0}
+JITTER_STRENGTH = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue
+
+
+@dataclass(frozen=True)
+class PhotometricSettings:
+    """How strong the photometric augmentation is; the defaults are iBOT's recipe."""
+
+    color_jitter: float = 1.0  # multiplies JITTER_STRENGTH; 0 turns jitter off
+    jitter_prob: float = 0.8
+    grayscale_prob: float = 0.2
+    blur_prob_scale: float = 1.0  # multiplies BLUR_PROBABILITY per view kind (capped at 1)
+    solarize_prob: float = 0.2  # on the second global view only, as iBOT
+
+    def jitter_strength(self) -> tuple[float, float, float, float]:
+        return tuple(self.color_jitter * s for s in JITTER_STRENGTH)  # type: ignore[return-value]
+
+    def blur_prob(self, kind: ViewKind) -> float:
+        return min(1.0, self.blur_prob_scale * BLUR_PROBABILITY[kind])
+
+    def solarize_prob_of(self, kind: ViewKind) -> float:
+        return self.solarize_prob if SOLARIZE_PROBABILITY[kind] > 0 else 0.0
+
+
+IBOT_PHOTOMETRIC = PhotometricSettings()
 
 _to_normalized_tensor = transforms.Compose(
     [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
@@ -64,29 +91,37 @@ class GaussianBlur:
         return f"{type(self).__name__}(sigma={self.sigma})"
 
 
-def build_photometric(kind: ViewKind) -> transforms.Compose:
+def build_photometric(
+    kind: ViewKind, settings: PhotometricSettings = IBOT_PHOTOMETRIC
+) -> transforms.Compose:
     """PIL -> PIL random photometric transforms of one view kind (global RNG driven)."""
+    brightness, contrast, saturation, hue = settings.jitter_strength()
     steps: list = [
         transforms.RandomApply(
-            [transforms.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8
+            [transforms.ColorJitter(brightness, contrast, saturation, hue)],
+            p=settings.jitter_prob,
         ),
-        transforms.RandomGrayscale(p=0.2),
+        transforms.RandomGrayscale(p=settings.grayscale_prob),
     ]
     blur = GaussianBlur(BLUR_SIGMA)
-    blur_p = BLUR_PROBABILITY[kind]
+    blur_p = settings.blur_prob(kind)
     steps.append(blur if blur_p >= 1.0 else transforms.RandomApply([blur], p=blur_p))
-    if SOLARIZE_PROBABILITY[kind] > 0:
+    if settings.solarize_prob_of(kind) > 0:
         # Solarize above 128 of 255, as DINO's ImageOps.solarize default.
-        steps.append(transforms.RandomSolarize(threshold=128, p=SOLARIZE_PROBABILITY[kind]))
+        steps.append(
+            transforms.RandomSolarize(threshold=128, p=settings.solarize_prob_of(kind))
+        )
     return transforms.Compose(steps)
 
 
 class Photometric:
     """One view kind's augmentation: PIL view + sample generator -> (3, S, S) normalised."""
 
-    def __init__(self, kind: ViewKind) -> None:
+    def __init__(
+        self, kind: ViewKind, settings: PhotometricSettings = IBOT_PHOTOMETRIC
+    ) -> None:
         self.kind = kind
-        self.transform = build_photometric(kind)
+        self.transform = build_photometric(kind, settings)
 
     def __call__(self, image: Image.Image, generator: torch.Generator) -> Tensor:
         seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())

@@ -1,10 +1,13 @@
 """Synthetic multi-object scenes: the data `odis demo` and the tests run on (nothing to download).
 
 A scene is a textured background with 2-5 objects pasted one over the other. Each of the
-ten classes has its own shape AND its own texture pattern, plus a class-typical hue whose
-per-instance jitter overlaps the neighbouring classes' hues, so colour alone is not a
-perfect cue and a network has to see shape and texture (the point of an object-level
-pretraining demo). Size, rotation, position, brightness and contrast vary per instance.
+ten classes has its own shape AND its own texture pattern; an object's colours are drawn
+independently of its class (hue uniform over the colour wheel), so colour says nothing of
+the class and a network has to see shape and texture (the point of an object-level
+pretraining demo; issue 17: with class-typical hues, self-distillation picked up the hue
+cue at once and the demo's gain measured colour). `class_hues=True` restores the older
+scenes: a class-typical hue with a per-instance jitter that overlaps the neighbouring
+classes'. Size, rotation, position, brightness and contrast vary per instance.
 
 Annotations are the VISIBLE masks after occlusion. Placement is rejected and retried
 when a new object would leave an earlier one with less than `min_visible_fraction` of its
@@ -75,6 +78,8 @@ class SceneConfig:
     object_scale: tuple[float, float] = (0.22, 0.42)  # object diameter / image side
     min_visible_fraction: float = 0.5  # visible pixels / whole-shape pixels, every object
     min_object_area: float = 0.006  # visible pixels / image pixels, every object
+    # Colour independent of the class (default), or class-typical hues +- hue_jitter_degrees
+    class_hues: bool = False
     hue_jitter_degrees: float = 24.0  # > 18 (half the class spacing): neighbours overlap
     supersample: int = 4  # shape rasterisation factor, for clean edges
     placement_tries: int = 30  # per object, before settling for fewer objects
@@ -239,11 +244,14 @@ def _hsv_rgb(hue: float, saturation: float, value: float) -> np.ndarray:
 
 
 def _paint(category_id: int, centre_xy: tuple[float, float], radius_px: float, angle: float,
-           image_size: int, rng: np.random.Generator, hue_jitter_degrees: float) -> np.ndarray:
+           image_size: int, rng: np.random.Generator, config: SceneConfig) -> np.ndarray:
     """(H, W, 3) uint8: the object's texture over the whole frame, in its instance colours."""
     class_index = category_id - 1
-    jitter = rng.uniform(-hue_jitter_degrees, hue_jitter_degrees) / 360.0
-    hue = class_index / len(SCENE_CLASSES) + jitter
+    if config.class_hues:
+        jitter = rng.uniform(-config.hue_jitter_degrees, config.hue_jitter_degrees) / 360.0
+        hue = class_index / len(SCENE_CLASSES) + jitter
+    else:
+        hue = rng.uniform(0.0, 1.0)  # one draw either way
     saturation, value = rng.uniform(0.55, 0.95), rng.uniform(0.7, 1.0)
     light = _hsv_rgb(hue, saturation * rng.uniform(0.5, 0.8), value)
     dark = _hsv_rgb(hue, saturation, value * rng.uniform(0.3, 0.5))
@@ -339,7 +347,7 @@ def compose_scene(rng: np.random.Generator, config: SceneConfig = SceneConfig())
             placed = [(f, visible & ~full, px) for f, visible, px in placed]
             placed.append((full, full.copy(), shape_pixels))
             painted.append((category_id, _paint(category_id, centre, radius_px, angle, size,
-                                                rng, config.hue_jitter_degrees)))
+                                                rng, config)))
         if len(placed) >= config.min_objects:
             break
     else:

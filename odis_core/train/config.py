@@ -67,6 +67,14 @@ class PretrainConfig:
     # workers, DINO's own pipeline), "device" (one batched pass on the training device; the
     # workers only decode and draw the crops: spec §13), "auto" (device on CUDA).
     augment_on: str = "auto"
+    # Photometric strength (issue 17); the defaults are iBOT's: jitter (0.4, 0.4, 0.2, 0.1)
+    # times color_jitter with p=jitter_prob, grayscale p, blur p (1.0, 0.1, 0.5 per view kind)
+    # times blur_prob_scale, solarize p on the second global view.
+    color_jitter: float = 1.0
+    jitter_prob: float = 0.8
+    grayscale_prob: float = 0.2
+    blur_prob_scale: float = 1.0
+    solarize_prob: float = 0.2
 
     # Block-wise MIM masks (iBOT)
     pred_ratio: tuple[float, float] = (0.0, 0.3)
@@ -236,4 +244,6 @@ def load_config_file(path: Path | str) -> PretrainConfig:
         raise ValueError(f"{path}: malformed JSON ({error})") from None
     if not isinstance(values, dict):
         raise ValueError(f"{path}: expected a JSON object of options")
-    return PretrainConfig.from_dict(values, source=str(path))
+    # Keys starting with "_" are comments (e.g. "_comment": why each value was chosen).
+    options = {key: value for key, value in values.items() if not key.startswith("_")}
+    return PretrainConfig.from_dict(options, source=str(path))

@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from odis_core.crops.dataset import CropBatch, MimConfig, ObjectCropDataset, collate_crops
 from odis_core.crops.object_aware import ObjectMultiCrop
+from odis_core.crops.photometric import PhotometricSettings
 from odis_core.loss.ibot import IBOTLoss
 from odis_core.masks.store import MaskStore
 from odis_core.model.heads import IBOTHead
@@ -292,6 +293,13 @@ def make_dataset(config: PretrainConfig, store: MaskStore, images_root: Path) ->
         max_tries=config.max_crop_tries,
         object_aware=config.object_crops,
         render_pixels=config.augment_on != "device",
+        photometric_settings=PhotometricSettings(
+            color_jitter=config.color_jitter,
+            jitter_prob=config.jitter_prob,
+            grayscale_prob=config.grayscale_prob,
+            blur_prob_scale=config.blur_prob_scale,
+            solarize_prob=config.solarize_prob,
+        ),
     )
     mim = MimConfig(
         pred_ratio=config.pred_ratio,

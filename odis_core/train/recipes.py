@@ -23,6 +23,11 @@ RECIPE_DIRS = (
 
 # One line per key: what it controls (spec section or iBOT argument where it has one).
 MEANINGS = {
+    "color_jitter": "colour-jitter strength, times iBOT's (0.4, 0.4, 0.2, 0.1); 0: no jitter",
+    "jitter_prob": "probability of colour jitter per view (iBOT 0.8)",
+    "grayscale_prob": "probability of grayscale per view (iBOT 0.2)",
+    "blur_prob_scale": "times iBOT's blur probabilities (1.0, 0.1, 0.5 per view kind)",
+    "solarize_prob": "probability of solarize on the second global view (iBOT 0.2)",
     "pos_embed_resample": "local crops' pos grid: ibot (scale-factor bicubic, official), timm",
     "obj_readout": "read-out [OBJ] tokens: no token attends to an [OBJ] key (issue 19)",
     "steps": "schedule length in steps (null: epochs x steps/epoch); the run trains that many",
