@@ -186,7 +186,7 @@ def embed_to_directory(
     rank: int = 0,
     world_size: int = 1,
     barrier: Callable[[], None] | None = None,
-    precision: str = "auto",
+    precision: str | None = None,
 ) -> Iterator[ShardDone | EmbedFinished]:
     """Embed `records` into the feature directory `out_dir`, resuming complete shards.
 
