@@ -117,6 +117,7 @@ def main() -> None:
             "rounds": seconds,
         }
         del trainers
+        console.print(f"{name}: fp32 / bf16 = {figures[name]['speedup']:.2f}x", highlight=False)
     table = Table(title=f"bf16 autocast vs fp32, train_step, {args.device}, "
                   f"{args.threads} thread(s), median of {args.rounds} alternating rounds")
     for column in ("model", "fp32 / bf16 step time"):

@@ -15,6 +15,9 @@ TINY_CONFIG = {
     "head_bottleneck_dim": 16,
     "min_patches_per_block": 2,
     "warmup_epochs": 1,
+    # fp32 whatever the CPU: `auto` would pick bf16 on CPUs with bf16 units, and the exact
+    # resume and DDP-equals-one-process checks compare fp32 arithmetic.
+    "precision": "fp32",
 }
 
 

@@ -256,6 +256,7 @@ def compare(ref: dict[str, np.ndarray], observed: dict) -> tuple[list[str], list
             ])
             worst[f"{group}_weights"] = float(diffs.max())
             far = float((diffs > WEIGHT_CLOSE).mean())
+            worst[f"{group}_share_beyond_1e-6"] = far
             if worst[f"{group}_weights"] > WEIGHT_ATOL or far > WEIGHT_FAR_SHARE:
                 failures.append(f"step {step} {group} weights: max diff "
                                 f"{worst[f'{group}_weights']:.2e}, {100 * far:.2f}% > 1e-6")

@@ -75,7 +75,8 @@ def test_bf16_pretrain_on_cpu_is_finite_and_kept_on_resume(store, tmp_path, monk
     # "auto" is resolved before it is written: fp32 on a CPU without bf16 units.
     monkeypatch.setattr(precision, "cpu_has_bf16_matmul", lambda: False)
     auto = tmp_path / "auto"
-    _run(pretrain_args(store, auto, tmp_path / "tiny.json", max_steps=1, no_tensorboard=True))
+    _run(pretrain_args(store, auto, tmp_path / "tiny.json", max_steps=1, precision="auto",
+                       no_tensorboard=True))
     assert json.loads((auto / "config.json").read_text())["precision"] == "fp32"
 
 

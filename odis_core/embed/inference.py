@@ -325,7 +325,7 @@ def embed(
     workers: int = 0,
     progress: Callable[[int, int], None] | None = None,
     decode_on: str = "auto",
-    precision: str = "auto",
+    precision: str | None = None,
     one_pass: bool | None = None,
 ) -> EmbedResult:
     """Features for every object (level "object") or image (level "image").
@@ -369,14 +369,15 @@ def embed_records(
     workers: int = 0,
     progress: Callable[[int, int], None] | None = None,
     decode_on: str = "auto",
-    precision: str = "auto",
+    precision: str | None = None,
     one_pass: bool | None = None,
     max_objects_per_pass: int = MAX_OBJECTS_PER_PASS,
 ) -> EmbedResult:
     """Features of the objects (or images) of `records`, in their order (see `embed`).
 
     precision: autocast "bf16", "fp32" or "auto" (bf16 on CUDA and on CPUs with bf16
-    matrix units, see `odis_core.precision`); features are returned in float32.
+    matrix units, see `odis_core.precision`); None (the library default, unchanged from
+    before `--precision`): bf16 on CUDA, fp32 on the CPU. Features are returned in float32.
 
     decode_on: "loader" (PIL in the loader), "device" (whole-image inputs of plain JPEGs
     decoded and resized on `device`, see `device_decode.py`), "auto" (device on CUDA).
@@ -391,6 +392,8 @@ def embed_records(
     )
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=_collate)
     backbone = backbone.to(device).eval()
+    if precision is None:
+        precision = "bf16" if device.startswith("cuda") else "fp32"
     precision = resolve_precision(precision, device)
     features, labels, meta, skipped = [], [], [], []
     done = 0

@@ -186,7 +186,7 @@ def embed_to_directory(
     rank: int = 0,
     world_size: int = 1,
     barrier: Callable[[], None] | None = None,
-    precision: str = "auto",
+    precision: str | None = None,
     one_pass: bool | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> Iterator[ShardDone | EmbedFinished]:

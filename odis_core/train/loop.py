@@ -409,7 +409,7 @@ class Trainer:
         if stop >= self.total_steps:
             return None
         inside = [
-            f"{name} (its first {end} steps)"
+            f"{name} (left after {end} steps)"
             for name, end in self.warmup_phases().items()
             if stop < end
         ]
