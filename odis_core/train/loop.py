@@ -163,6 +163,19 @@ class RunFinished:
     report: dict[str, Any] = field(default_factory=dict)
 
 
+# Everything `pretrain` yields (the CLI draws them; the library never prints).
+RunEvent = (
+    RunStarted
+    | ScheduleWarning
+    | StepDone
+    | CollapseWarning
+    | Evaluated
+    | CheckpointSaved
+    | Notice
+    | RunStopped
+    | RunFinished
+)
+
 def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -575,17 +588,7 @@ def pretrain(
     given: Iterable[str] = (),
     stop_requested: Callable[[], bool] | None = None,
     memory_check: bool = True,
-) -> Iterator[
-    RunStarted
-    | ScheduleWarning
-    | StepDone
-    | CollapseWarning
-    | Evaluated
-    | CheckpointSaved
-    | Notice
-    | RunStopped
-    | RunFinished
-]:
+) -> Iterator[RunEvent]:
     """Run (or resume) pretraining, yielding events; writes into `out_dir` (rank 0 only):
     config.json (resolved), checkpoint.pt (latest, atomic), metrics.jsonl, tensorboard/,
     report.json. Under torchrun it joins the process group and trains with DDP.
@@ -639,16 +642,7 @@ def _run(
     state: dict[str, Any] | None,
     device: str,
     stop_requested: Callable[[], bool] | None = None,
-) -> Iterator[
-    RunStarted
-    | ScheduleWarning
-    | StepDone
-    | CollapseWarning
-    | Evaluated
-    | CheckpointSaved
-    | RunStopped
-    | RunFinished
-]:
+) -> Iterator[RunEvent]:
     set_determinism(config.deterministic)
     checkpoint_path = out_dir / CHECKPOINT_NAME
     main, world = distributed.is_main_process(), distributed.world_size()
