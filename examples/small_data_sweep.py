@@ -331,6 +331,12 @@ def plot_curves(records: list[dict[str, Any]], raw: dict[str, Any] | None, path:
     plt.close(figure)
 
 
+def same_recipe(ran: dict[str, Any], wanted: dict[str, Any]) -> bool:
+    """Whether a run's recorded settings are `wanted`, compared on the keys both have: a
+    run recorded before a `PretrainConfig` key existed ran with that key's default."""
+    return all(wanted[key] == value for key, value in ran.items() if key in wanted)
+
+
 def write_results_json(args: argparse.Namespace, records: list[dict[str, Any]],
                        raw: dict[str, Any] | None) -> None:
     """The issue's machine-readable outcome: one curve per arm of the --config recipe (a
@@ -342,7 +348,7 @@ def write_results_json(args: argparse.Namespace, records: list[dict[str, Any]],
         wanted = recipe_config(base_recipe(args), {**recipe, **overrides}, "recipe").resolved()
         settings = json.loads(json.dumps(wanted.to_dict()))
         settings.pop("max_steps", None)
-        matches = [r for r in records if r["settings"] == settings and r["curve"]]
+        matches = [r for r in records if r["curve"] and same_recipe(r["settings"], settings)]
         matches.sort(key=lambda r: (r["name"] != f"{args.name}@{arm}", -len(r["curve"])))
         if matches:
             record = matches[0]
