@@ -43,10 +43,12 @@ from odis_core.atomic import atomic_write
 from odis_core.demo import DemoSettings
 from odis_core.embed.inference import build_backbone, embed, load_teacher_backbone
 from odis_core.evaluate.knn import weighted_knn
+from odis_core.evaluate.search import l2_normalize
 from odis_core.masks.store import MaskStore
 from odis_core.train.checkpoint import CHECKPOINT_NAME
 from odis_core.train.config import PretrainConfig
 from odis_core.train.loop import StepDone, pretrain
+from odis_core.train.monitor import participation_ratio
 
 K = 20
 TEMPERATURE = 0.07
@@ -150,17 +152,6 @@ def recipe_config(base: PretrainConfig, overrides: dict[str, Any], source: str) 
     return dataclasses.replace(base, **{key: getattr(loaded, key) for key in values})
 
 
-def participation_ratio(features: np.ndarray) -> float:
-    """(sum of eigenvalues)^2 / sum of squared eigenvalues of the covariance of the
-    L2-normalised features (the space the k-NN searches): 1 when all variance lies along
-    one direction, D when it is spread evenly over D."""
-    normalised = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
-    centred = normalised - normalised.mean(axis=0, keepdims=True)
-    eigenvalues = np.linalg.eigvalsh(centred.T @ centred / max(len(centred) - 1, 1))
-    eigenvalues = np.clip(eigenvalues, 0.0, None)
-    return float(eigenvalues.sum() ** 2 / max((eigenvalues**2).sum(), 1e-30))
-
-
 def evaluate(backbone: Any, image_size: int, images: dict[str, Path],
              stores: dict[str, MaskStore]) -> dict[str, Any]:
     """Masked-inference k-NN top-1 (k = 20) and the test features' participation ratio."""
@@ -173,7 +164,7 @@ def evaluate(backbone: Any, image_size: int, images: dict[str, Path],
     top1 = report["results"][str(K)]["top1"]
     return {"top1": top1, "top5": report["results"][str(K)]["top5"],
             "n_bank": report["n_train"], "n_test": report["n_test"],
-            "participation_ratio": round(participation_ratio(test.features), 3)}
+            "participation_ratio": round(participation_ratio(l2_normalize(test.features)), 3)}
 
 
 def train_to(config: PretrainConfig, step: int, images: Path, store: MaskStore,
