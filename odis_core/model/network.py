@@ -45,21 +45,38 @@ class DistillationNetwork(nn.Module):
         obj_patch_mask: torch.Tensor,
         mim_mask: torch.Tensor | None = None,
         with_patches: bool = True,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        with_object_feature: bool = False,
+    ) -> tuple[torch.Tensor, ...]:
         """images (B, 3, H, W), obj_patch_mask (B, N) bool, mim_mask (B, N) bool or None.
 
-        Returns object logits (B, K) and, if `with_patches`, patch logits (B, N, K).
+        Returns object logits (B, K), patch logits (B, N, K) if `with_patches` else None,
+        and, if `with_object_feature`, the backbone's object feature (B, D) the head read.
         The head runs once over all tokens (shared head).
         """
+        object_token, patch_tokens = self.encode(images, obj_patch_mask, mim_mask)
+        logits = self.project(object_token, patch_tokens, with_patches)
+        return (*logits, object_token.squeeze(1)) if with_object_feature else logits
+
+    def encode(
+        self,
+        images: torch.Tensor,
+        obj_patch_mask: torch.Tensor,
+        mim_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The backbone's object feature (B, 1, D) and patch tokens (B, N, D)."""
         attention_mask = obj_patch_mask if self.masked_attention else None
         tokens = self.backbone(images, obj_patch_mask=attention_mask, mim_mask=mim_mask)
         if self.feature == "meanpool":
-            object_token = meanpool_object(tokens[:, 1:], obj_patch_mask).unsqueeze(1)
-        else:
-            object_token = tokens[:, :1]
+            return meanpool_object(tokens[:, 1:], obj_patch_mask).unsqueeze(1), tokens[:, 1:]
+        return tokens[:, :1], tokens[:, 1:]
+
+    def project(
+        self, object_token: torch.Tensor, patch_tokens: torch.Tensor, with_patches: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Head logits of `encode`'s output: object (B, K) and, if asked, patches (B, N, K)."""
         if not with_patches:
             return self.head(object_token).squeeze(1), None
-        logits = self.head(torch.cat([object_token, tokens[:, 1:]], dim=1))
+        logits = self.head(torch.cat([object_token, patch_tokens], dim=1))
         return logits[:, 0], logits[:, 1:]
 
 
@@ -80,12 +97,15 @@ class MultiCropStudent(nn.Module):
         mim_masks: torch.Tensor,
         local_crops: torch.Tensor | None,
         local_patch_masks: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Returns global [OBJ] logits (G*B, K), patch logits (G*B, N, K) and local [OBJ]
-        logits (L*B, K) or None."""
-        obj, patch = self.network(global_crops, global_patch_masks, mim_mask=mim_masks)
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Returns global [OBJ] logits (G*B, K), patch logits (G*B, N, K), local [OBJ]
+        logits (L*B, K) or None, and the global crops' backbone object features (G*B, D)
+        (what the KoLeo regulariser spreads; free: the head's input)."""
+        obj, patch, features = self.network(
+            global_crops, global_patch_masks, mim_mask=mim_masks, with_object_feature=True
+        )
         local_obj = None
         if local_crops is not None:
             local_obj, _ = self.network(local_crops, local_patch_masks, with_patches=False)
         assert patch is not None
-        return obj, patch, local_obj
+        return obj, patch, local_obj, features

@@ -91,6 +91,10 @@ class PretrainConfig:
     center_momentum: float = 0.9
     lambda_obj: float = 1.0
     lambda_mim: float = 1.0
+    # DINOv2's KoLeo regulariser on the student's global [OBJ] backbone features (issue 17):
+    # spreads the batch over the sphere against dimensional collapse. 0 = iBOT (off);
+    # DINOv2 uses 0.1.
+    koleo_weight: float = 0.0
 
     # Optimisation (spec §10)
     epochs: int = 100

@@ -33,6 +33,7 @@ from odis_core.crops.dataset import CropBatch, MimConfig, ObjectCropDataset, col
 from odis_core.crops.object_aware import ObjectMultiCrop
 from odis_core.crops.photometric import PhotometricSettings
 from odis_core.loss.ibot import IBOTLoss
+from odis_core.loss.koleo import koleo_per_crop
 from odis_core.masks.store import MaskStore
 from odis_core.model.heads import IBOTHead
 from odis_core.model.network import DistillationNetwork, MultiCropStudent
@@ -508,7 +509,7 @@ class Trainer:
                 teacher_obj, teacher_patch = self.teacher_step(
                     batch.global_crops, batch.global_patch_masks
                 )
-            student_obj, student_patch, student_local_obj = self.student_step(
+            student_obj, student_patch, student_local_obj, student_features = self.student_step(
                 batch.global_crops,
                 batch.global_patch_masks,
                 batch.mim_masks,
@@ -524,12 +525,21 @@ class Trainer:
                 batch.mim_masks,
                 epoch,
             )
+            total_loss, koleo = terms.total, None
+            if config.koleo_weight > 0:
+                koleo = config.koleo_weight * koleo_per_crop(
+                    student_features, config.n_global_crops
+                )
+                total_loss = total_loss + koleo
         values = terms.as_floats()  # the step's one device-to-host sync before backward
+        if koleo is not None:
+            values["loss_koleo"] = float(koleo.detach())
+            values["loss"] += values["loss_koleo"]
         total = values["loss"]
         if not distributed.all_true(math.isfinite(total), self.device):
             raise NonFiniteLossError(f"loss is {total} at step {step + 1}", step + 1)
         self.optimizer.zero_grad(set_to_none=True)
-        terms.total.backward()
+        total_loss.backward()
         grad_norm = clip_gradients_per_parameter(self.student, config.clip_grad)
         cancel_last_layer_gradients(self.student, epoch, config.freeze_last_layer)
         self.optimizer.step()

@@ -67,6 +67,8 @@ MEANINGS = {
     "center_momentum": "momentum of the teacher's output centres",
     "lambda_obj": "weight of the [OBJ] loss",
     "lambda_mim": "weight of the masked-patch loss",
+    "koleo_weight": "KoLeo regulariser on the student's global [OBJ] features "
+    "(DINOv2: 0.1; 0 = off, iBOT)",
     "epochs": "epochs; every schedule spans them",
     "batch_size": "images per step per process",
     "lr": "peak learning rate for a total batch of 256 (scaled linearly)",
