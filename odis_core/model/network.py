@@ -50,7 +50,11 @@ class DistillationNetwork(nn.Module):
 
         Returns object logits (B, K) and, if `with_patches`, patch logits (B, N, K).
         The head runs once over all tokens (shared head).
+        A read-out backbone also takes obj_patch_mask (B, S, N): S objects per image, one
+        [OBJ] token each (issue 19); the object logits are then (B, S, K).
         """
+        if obj_patch_mask.ndim == 3:
+            return self._several_objects(images, obj_patch_mask, mim_mask, with_patches)
         attention_mask = obj_patch_mask if self.masked_attention else None
         tokens = self.backbone(images, obj_patch_mask=attention_mask, mim_mask=mim_mask)
         if self.feature == "meanpool":
@@ -61,6 +65,24 @@ class DistillationNetwork(nn.Module):
             return self.head(object_token).squeeze(1), None
         logits = self.head(torch.cat([object_token, tokens[:, 1:]], dim=1))
         return logits[:, 0], logits[:, 1:]
+
+    def _several_objects(
+        self,
+        images: torch.Tensor,
+        obj_patch_masks: torch.Tensor,
+        mim_mask: torch.Tensor | None,
+        with_patches: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, S, N) object masks -> [OBJ] logits (B, S, K) and patch logits (B, N, K)."""
+        if not (self.backbone.obj_readout and self.masked_attention):
+            raise ValueError("several objects per image need read-out [OBJ] tokens with "
+                             "masked attention and the [OBJ] feature")
+        n_objects = obj_patch_masks.shape[1]
+        tokens = self.backbone(images, obj_patch_mask=obj_patch_masks, mim_mask=mim_mask)
+        if not with_patches:
+            return self.head(tokens[:, :n_objects]), None
+        logits = self.head(tokens)
+        return logits[:, :n_objects], logits[:, n_objects:]
 
 
 class MultiCropStudent(nn.Module):
@@ -82,7 +104,8 @@ class MultiCropStudent(nn.Module):
         local_patch_masks: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Returns global [OBJ] logits (G*B, K), patch logits (G*B, N, K) and local [OBJ]
-        logits (L*B, K) or None."""
+        logits (L*B, K) or None; with (., S, N) object masks (several objects per image)
+        the [OBJ] logits are (G*B, S, K) and (L*B, S, K)."""
         obj, patch = self.network(global_crops, global_patch_masks, mim_mask=mim_masks)
         local_obj = None
         if local_crops is not None:
