@@ -505,7 +505,8 @@ class Trainer:
         with torch.no_grad():
             batch = batch.rendered(config.global_size, config.local_size)
         # Several objects per image (issue 19): S [OBJ] slots per view, the target in slot 0.
-        several = batch.global_object_masks is not None
+        global_objects, local_objects = objects_in_views(batch)
+        several = global_objects is not None
         global_masks = batch.global_object_masks if several else batch.global_patch_masks
         local_masks = batch.local_object_masks if several else batch.local_patch_masks
         with autocast(self.device, self.precision):
@@ -526,7 +527,8 @@ class Trainer:
                 teacher_patch,
                 batch.mim_masks,
                 epoch,
-                *objects_in_views(batch),
+                global_objects,
+                local_objects,
             )
         values = terms.as_floats()  # the step's one device-to-host sync before backward
         total = values["loss"]
@@ -554,7 +556,8 @@ class Trainer:
 def objects_in_views(batch: CropBatch) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(G*B, S) and (L*B, S) bool: where each [OBJ] slot's object has patches in that view
     (padding slots never); (None, None) for one object per image."""
-    if batch.global_object_masks is None or batch.object_slots is None:
+    # getattr: a batch built by hand (library users, tests) may predate these fields.
+    if getattr(batch, "global_object_masks", None) is None or batch.object_slots is None:
         return None, None
     slots = batch.object_slots  # (B, S): padding is all-false anyway; this makes it explicit
 

@@ -43,6 +43,7 @@ def test_every_object_run_logs_pairs_and_resume_keeps_the_setting(tmp_path):
     args = pretrain_args(masks, run, config, max_steps=2, obj_readout=True, objects_per_image=0)
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
+    assert " obj pairs " in result.output  # on the progress line
     assert json.loads((run / "config.json").read_text())["objects_per_image"] == 0
     # A method setting: the resume (no flag given) keeps it from the checkpoint.
     result = runner.invoke(app, pretrain_args(masks, run, config, max_steps=3, resume=True))
