@@ -14,7 +14,9 @@ view, and its own L_obj terms, the same (q, v) pairs as above, counted only wher
 object has patches in both views q and v. L_obj is the mean over all counted (object, q, v)
 terms, which for one object per image is the mean above. The [OBJ] centre is the mean of
 the teacher [OBJ] outputs of the objects present in their global view (every output, for
-one object per image), so it tracks what the loss sharpens against.
+one object per image), so it tracks what the loss sharpens against. Under DDP each rank
+averages its own counted terms and the gradient all-reduce averages the ranks: ranks that
+count different numbers of terms weigh them slightly unlike one large batch would.
 """
 
 from __future__ import annotations
