@@ -52,14 +52,21 @@ from odis_core.train.monitor import participation_ratio
 
 K = 20
 TEMPERATURE = 0.07
-# The paper's comparison (spec §8): arm -> PretrainConfig overrides on top of the recipe.
+# Arm -> PretrainConfig overrides on top of the recipe. The paper's comparison (spec §8,
+# issue 17), then issue 19's: read-out [OBJ] tokens with the target only, and with every
+# object of the image (one [OBJ] token and its own loss terms each).
 ARMS: dict[str, dict[str, Any]] = {
     "odis": {},
     "ibot": {"objective": "image"},
     "no_masked_attention": {"masked_attention": False},
     "no_object_crops": {"object_crops": False},
     "meanpool": {"feature": "meanpool"},
+    "readout_k1": {"obj_readout": True},
+    "readout_all": {"obj_readout": True, "objects_per_image": 0},
 }
+# The arms of issue 17's results JSON ("arms", "missing_arms"); the others go under
+# "readout_arms" when they have run.
+ISSUE17_ARMS = ("odis", "ibot", "no_masked_attention", "no_object_crops", "meanpool")
 
 
 def _load_experiment() -> Any:
@@ -136,12 +143,22 @@ def base_recipe(args: argparse.Namespace) -> PretrainConfig:
         tensorboard=False,
         save_every=25,  # a stopped sweep loses at most 25 steps
     )
-    if args.tiny:
-        config = dataclasses.replace(
-            config, depth=1, out_dim=64, head_hidden_dim=64, head_bottleneck_dim=32,
-            n_local_crops=2, min_patches_per_block=1, batch_size=4,
-        )
-    return config
+    return tiny(config) if args.tiny else config
+
+
+def tiny(config: PretrainConfig) -> PretrainConfig:
+    """--tiny: a one-block network at batch 4 (whatever the recipe says: a shipped recipe's
+    batch of 32 would not fit the 12 tiny scenes)."""
+    return dataclasses.replace(
+        config, depth=1, out_dim=64, head_hidden_dim=64, head_bottleneck_dim=32,
+        n_local_crops=2, min_patches_per_block=1, batch_size=4,
+    )
+
+
+def arm_config(args: argparse.Namespace, overrides: dict[str, Any], source: str) -> PretrainConfig:
+    """The resolved configuration a recipe (with its arm's overrides) runs with here."""
+    config = recipe_config(base_recipe(args), overrides, source)
+    return (tiny(config) if args.tiny else config).resolved()
 
 
 def recipe_config(base: PretrainConfig, overrides: dict[str, Any], source: str) -> PretrainConfig:
@@ -174,20 +191,23 @@ def train_to(config: PretrainConfig, step: int, images: Path, store: MaskStore,
     cpu0, wall0 = time.process_time(), time.perf_counter()
     losses: list[float] = []
     entropies: list[float] = []
+    pairs: list[float] = []  # [OBJ] loss terms per step (issue 19: several objects per image)
     for event in pretrain(dataclasses.replace(config, max_steps=step), images, store,
                           run_dir, resume=resume):
         if isinstance(event, StepDone):
             losses.append(float(event.metrics["loss"]))
             entropies.append(float(event.metrics["teacher_entropy"]))
+            pairs.append(float(event.metrics["object_pairs"]))
     return {"cpu_s": time.process_time() - cpu0, "wall_s": time.perf_counter() - wall0,
             "loss_last": float(np.mean(losses[-20:])) if losses else None,
-            "teacher_entropy": float(np.mean(entropies[-20:])) if entropies else None}
+            "teacher_entropy": float(np.mean(entropies[-20:])) if entropies else None,
+            "object_pairs": round(float(np.mean(pairs)), 2) if pairs else None}
 
 
 def run_recipe(name: str, overrides: dict[str, Any], milestones: list[int],
                args: argparse.Namespace, images: dict[str, Path],
                stores: dict[str, MaskStore], log: Any) -> dict[str, Any]:
-    config = recipe_config(base_recipe(args), overrides, source=name).resolved()
+    config = arm_config(args, overrides, source=name)
     settings = json.loads(json.dumps(config.to_dict()))
     settings.pop("max_steps", None)
     path = args.workdir / "curves" / f"{name}.json"
@@ -196,8 +216,8 @@ def run_recipe(name: str, overrides: dict[str, Any], milestones: list[int],
                               "curve": [], "cpu_s": 0.0, "wall_s": 0.0}
     if path.is_file():
         saved = json.loads(path.read_text())
-        if saved["settings"] == settings:
-            record = saved
+        if same_recipe(saved["settings"], settings):  # keys added since: their defaults
+            record = {**saved, "settings": settings}
         else:  # the recipe changed under this name: start it over
             import shutil
 
@@ -208,7 +228,8 @@ def run_recipe(name: str, overrides: dict[str, Any], milestones: list[int],
             continue
         if step == 0:
             backbone = build_backbone(config)
-            leg = {"cpu_s": 0.0, "wall_s": 0.0, "loss_last": None, "teacher_entropy": None}
+            leg = {"cpu_s": 0.0, "wall_s": 0.0, "loss_last": None, "teacher_entropy": None,
+                   "object_pairs": None}
         else:
             leg = train_to(config, step, images["train"], stores["train"], run_dir)
             backbone, _ = load_teacher_backbone(run_dir)
@@ -216,7 +237,8 @@ def run_recipe(name: str, overrides: dict[str, Any], milestones: list[int],
             record["wall_s"] += leg["wall_s"]
         point = {"step": step, **evaluate(backbone, config.global_size, images, stores),
                  "cpu_s": round(record["cpu_s"], 1), "wall_s": round(record["wall_s"], 1),
-                 "loss": leg["loss_last"], "teacher_entropy": leg["teacher_entropy"]}
+                 "loss": leg["loss_last"], "teacher_entropy": leg["teacher_entropy"],
+                 "object_pairs": leg["object_pairs"]}  # mean per step over the leg
         record["curve"].append(point)
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_write(path, "w", encoding="utf-8") as handle:
@@ -278,6 +300,13 @@ def write_report(args: argparse.Namespace) -> None:
         points.append(f"- {record['name']}: " + ", ".join(
             f"{p['step']}: {p['top1']:.1f} / {p['participation_ratio']:.2f}"
             for p in record["curve"]))
+    pairs = [(record["name"], [(p["step"], p["object_pairs"]) for p in record["curve"]
+                               if p.get("object_pairs") is not None]) for record in records]
+    if any(points_with for _, points_with in pairs):
+        points += ["", "[OBJ] loss terms per step, mean over the steps since the previous point "
+                   "(object, teacher view, student view):", ""]
+        points += [f"- {name}: " + ", ".join(f"{step}: {value:.1f}" for step, value in values)
+                   for name, values in pairs if values]
     footer = [""]
     if raw is not None:
         footer.append(f"Raw pixels ({raw['feature']}, k = {raw['k']}): "
@@ -323,9 +352,14 @@ def plot_curves(records: list[dict[str, Any]], raw: dict[str, Any] | None, path:
 
 
 def same_recipe(ran: dict[str, Any], wanted: dict[str, Any]) -> bool:
-    """Whether a run's recorded settings are `wanted`, compared on the keys both have: a
-    run recorded before a `PretrainConfig` key existed ran with that key's default."""
-    return all(wanted[key] == value for key, value in ran.items() if key in wanted)
+    """Whether a run's recorded settings are `wanted`: a run recorded before a
+    `PretrainConfig` key existed ran with that key's default (so a run recorded before
+    `obj_readout` is the paper's model, never a read-out arm)."""
+    defaults = json.loads(json.dumps(PretrainConfig().to_dict()))
+    return all(
+        ran[key] == value if key in ran else defaults.get(key) == value
+        for key, value in wanted.items()
+    )
 
 
 def write_results_json(args: argparse.Namespace, records: list[dict[str, Any]],
@@ -334,22 +368,25 @@ def write_results_json(args: argparse.Namespace, records: list[dict[str, Any]],
     curve counts when its run's settings are the recipe's with that arm's overrides,
     whatever name the sweep ran it under)."""
     recipe = json.loads(args.config.read_text(encoding="utf-8"))
-    arms = {}
+    arms, readout_arms = {}, {}
     for arm, overrides in ARMS.items():
-        wanted = recipe_config(base_recipe(args), {**recipe, **overrides}, "recipe").resolved()
+        wanted = arm_config(args, {**recipe, **overrides}, "recipe")
         settings = json.loads(json.dumps(wanted.to_dict()))
         settings.pop("max_steps", None)
         matches = [r for r in records if r["curve"] and same_recipe(r["settings"], settings)]
         matches.sort(key=lambda r: (r["name"] != f"{args.name}@{arm}", -len(r["curve"])))
         if matches:
             record = matches[0]
-            arms[arm] = {
+            (arms if arm in ISSUE17_ARMS else readout_arms)[arm] = {
                 "run": record["name"],
                 "curve": [[p["step"], round(p["top1"], 2)] for p in record["curve"]],
                 "participation_ratio": [[p["step"], p["participation_ratio"]]
                                         for p in record["curve"]],
                 "cpu_s": round(record["cpu_s"], 1), "wall_s": round(record["wall_s"], 1),
             }
+            if arm not in ISSUE17_ARMS:
+                readout_arms[arm]["object_pairs"] = [[p["step"], p.get("object_pairs")]
+                                                     for p in record["curve"]]
     odis = arms.get("odis") or next(iter(arms.values()), None)
     runs = {arm["run"] for arm in arms.values()}
     first = next((r["curve"][0] for r in records if r["name"] in runs), None)
@@ -359,11 +396,13 @@ def write_results_json(args: argparse.Namespace, records: list[dict[str, Any]],
         "wall_s": odis["wall_s"] if odis else None,
         "cpu_s": odis["cpu_s"] if odis else None,
         "arms": arms,
-        "missing_arms": [arm for arm in ARMS if arm not in arms],
+        "missing_arms": [arm for arm in ISSUE17_ARMS if arm not in arms],
         "untrained": {"top1": round(first["top1"], 2)} if first else None,
         "raw_pixels": {"top1": round(raw["top1"], 2)} if raw else None,
         "protocol": f"masked inference, weighted k-NN k = {K}, T = {TEMPERATURE}, top-1 %",
     }
+    if readout_arms:  # issue 19's arms, apart: issue 17's keys stay as they were
+        result["readout_arms"] = readout_arms
     args.results_json.write_text(json.dumps(result, indent=2) + "\n")
 
 

@@ -45,6 +45,7 @@ def run_training(
 
     report: dict = {}
     last_knn = ""  # the latest k-NN evaluation, kept on the progress line
+    show_pairs = False  # several objects per image: the step's [OBJ] pairs on the line
     main = _is_main_rank()
     # Everything before RunStarted (checks, checkpoint loading, the memory estimate) runs
     # before the bar is drawn: an error there is one line, never after a `0/?` bar.
@@ -77,6 +78,7 @@ def run_training(
                 if progress:
                     progress.update(task, total=event.total_steps, completed=event.start_step)
                 started_at, start_step = time.monotonic(), event.start_step
+                show_pairs = event.config.objects_per_image != 1
                 processes = distributed.world_size()
                 say(
                     f"{event.n_images} images, {event.iters_per_epoch} steps/epoch, "
@@ -89,7 +91,8 @@ def run_training(
                 m = event.metrics
                 status = (
                     f"loss {m['loss']:.3f} (obj {m['loss_obj']:.3f} mim {m['loss_mim']:.3f})"
-                    f"  lr {m['lr']:.2e}  {m['images_per_second']:.1f} img/s"
+                    + (f"  {m['object_pairs']:.0f} obj pairs" if show_pairs else "")
+                    + f"  lr {m['lr']:.2e}  {m['images_per_second']:.1f} img/s"
                     f"  data wait {100 * m['data_wait_share']:.0f}%{last_knn}"
                 )
                 if progress:
@@ -304,6 +307,15 @@ def pretrain(
             show_default="no-obj-readout",
         ),
     ] = None,
+    objects_per_image: Annotated[
+        int | None,
+        _option(
+            "objects_per_image",
+            "Objects trained per image: 1 = the crops' target (the paper), K = the target and "
+            "up to K - 1 others, 0 = all; each its own read-out [OBJ] token and loss terms "
+            "(needs --obj-readout).",
+        ),
+    ] = None,
     attention_impl: Annotated[
         str | None,
         _option(
@@ -424,6 +436,7 @@ def pretrain(
             object_crops=object_crops,
             feature=feature,
             obj_readout=obj_readout,
+            objects_per_image=objects_per_image,
             attention_impl=attention_impl,
             augment_on=augment_on,
             grad_checkpointing=grad_checkpointing,

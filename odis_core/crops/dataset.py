@@ -3,6 +3,11 @@
 Every sample draws from its own generator seeded by (seed, epoch, index), so a sample is
 the same in any DataLoader worker, with any number of workers, and after a resume.
 Unreadable images come back as None and are dropped (and counted) by `collate_crops`.
+
+Several objects per image (issue 19, `objects_per_image` != 1): the views still centre on
+one target; every other object of the image (or up to K - 1 of them) gets its patch mask in
+each view by the same exact coverage rule, and the batch carries a fixed number of [OBJ]
+slots per image: slot 0 the target, then the others, then padding (all-false).
 """
 
 from __future__ import annotations
@@ -24,7 +29,13 @@ from odis_core.crops.device_views import (
     render_pending,
     source_tensor,
 )
-from odis_core.crops.object_aware import ObjectMultiCrop, ViewPlan
+from odis_core.crops.object_aware import (
+    CropBox,
+    ObjectIntegral,
+    ObjectMultiCrop,
+    ViewPlan,
+    visible_patch_mask,
+)
 from odis_core.crops.stage_clock import StageClock
 from odis_core.images import UnreadableImageError, load_rgb
 from odis_core.masks.store import ImageRecord, MaskStore, ObjectRecord, box_to_mask
@@ -57,6 +68,11 @@ class CropSample:
     source_scales: tuple[float, float] = (1.0, 1.0)  # plan boxes (full-size px) -> source px
     global_plans: list[ViewPlan] | None = None
     local_plans: list[ViewPlan] | None = None
+    # The image's other objects (objects_per_image != 1; None otherwise): per view an
+    # (E, N) bool mask of each other object's patches, all-false where it is outside.
+    other_global_masks: list[Tensor] | None = None
+    other_local_masks: list[Tensor] | None = None
+    n_slots: int = 1  # [OBJ] slots this sample asks for (K; 1 + E for "every object")
 
 
 @dataclass
@@ -73,6 +89,12 @@ class CropBatch:
     n_whole_image_fallback: int  # images without a usable object
     n_crop_failures: int  # crops that fell back to the best-coverage try
     pending: PendingViews | None = None  # views still to render on the device
+    # Several objects per image (None unless objects_per_image != 1), S slots per image:
+    # slot 0 is the target (its masks are the patch masks above), slots 1.. other objects,
+    # then padding. A slot's all-false row in a view: the object is not in that view.
+    global_object_masks: Tensor | None = None  # (G*B, S, Ng) bool
+    local_object_masks: Tensor | None = None  # (L*B, S, Nl) bool
+    object_slots: Tensor | None = None  # (B, S) bool: True where the slot holds an object
 
     def map_tensors(self, fn: Callable[[Tensor], Tensor]) -> CropBatch:
         """A copy with `fn` applied to every tensor (the pending views' too)."""
@@ -123,6 +145,7 @@ class ObjectCropDataset(torch.utils.data.Dataset):
         mim: MimConfig | None = MimConfig(),  # noqa: B008 (frozen, immutable)
         seed: int = 0,
         min_object_area: float = 0.0,
+        objects_per_image: int = 1,
     ) -> None:
         # Objects are fetched per image in __getitem__: a store of 12 M objects is never
         # listed up front (the store reads one image's objects in well under a millisecond).
@@ -133,6 +156,8 @@ class ObjectCropDataset(torch.utils.data.Dataset):
         self.multicrop = multicrop
         self.mim = mim
         self.seed = seed
+        # 1: the target only (the paper); K > 1: up to K - 1 others too; 0: every other.
+        self.objects_per_image = objects_per_image
         self.epoch = 0
         # Per-stage timing for the benchmark (None: off); it counts in this process only.
         self.clock: StageClock | None = None
@@ -168,6 +193,7 @@ class ObjectCropDataset(torch.utils.data.Dataset):
             started = clock.lap("decode image", started)
         candidates = self.candidates(record)
         object_mask = None
+        choice = -1
         if candidates:
             choice = int(torch.randint(0, len(candidates), (1,), generator=generator).item())
             object_mask = _decode_at(candidates[choice], record, image.height, image.width)
@@ -183,6 +209,8 @@ class ObjectCropDataset(torch.utils.data.Dataset):
         mim_masks = self._mim_masks(len(views.global_patch_masks), generator)
         if clock is not None:
             started = clock.lap("mim masks", started)
+        # Drawn last, so the target, its views and the MIM masks are those of K = 1.
+        others = [] if whole_image else self.other_objects(candidates, choice, generator)
         sample = CropSample(
             views.global_images,
             views.local_images,
@@ -193,6 +221,14 @@ class ObjectCropDataset(torch.utils.data.Dataset):
             views.crop_failures,
             index,
         )
+        if self.objects_per_image != 1:
+            masks = [_decode_at(obj, record, image.height, image.width) for obj in others]
+            sample.other_global_masks, sample.other_local_masks = self._other_patch_masks(
+                masks, views.geometry
+            )
+            sample.n_slots = self.objects_per_image or 1 + len(others)
+            if clock is not None:
+                started = clock.lap("patch masks", started)
         if not self.multicrop.render_pixels:
             sample.source, sample.source_scales = source_tensor(image)
             sample.global_plans, sample.local_plans = views.global_plans, views.local_plans
@@ -201,6 +237,37 @@ class ObjectCropDataset(torch.utils.data.Dataset):
         if clock is not None:
             clock.samples += 1
         return sample
+
+    def other_objects(
+        self, candidates: list[ObjectRecord], target: int, generator: torch.Generator
+    ) -> list[ObjectRecord]:
+        """The objects besides the target that get their own [OBJ] slot: all of them, or
+        (objects_per_image = K > 1) K - 1 drawn without replacement from the sample's
+        generator (in store order), so a resume sees the same ones."""
+        if self.objects_per_image == 1 or target < 0:
+            return []
+        others = [obj for position, obj in enumerate(candidates) if position != target]
+        limit = self.objects_per_image - 1
+        if self.objects_per_image == 0 or len(others) <= limit:
+            return others
+        drawn = torch.randperm(len(others), generator=generator)[:limit]
+        return [others[position] for position in sorted(drawn.tolist())]
+
+    def _other_patch_masks(
+        self, object_masks: list[np.ndarray], geometry: list[tuple[CropBox, bool]]
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        """Per view (globals, then locals) an (E, N) bool mask of each other object."""
+        multicrop = self.multicrop
+        integrals = [ObjectIntegral(mask) for mask in object_masks]
+        per_view = []
+        for view, (crop, flip) in enumerate(geometry):
+            size = multicrop.global_size if view < multicrop.n_global else multicrop.local_size
+            grid = (size // multicrop.patch_size, size // multicrop.patch_size)
+            rows = [visible_patch_mask(integral, crop, flip, grid) for integral in integrals]
+            per_view.append(
+                torch.stack(rows) if rows else torch.zeros(0, grid[0] * grid[1], dtype=torch.bool)
+            )
+        return per_view[: multicrop.n_global], per_view[multicrop.n_global :]
 
     def _mim_masks(self, n_global: int, generator: torch.Generator) -> list[Tensor]:
         grid = self.multicrop.global_size // self.multicrop.patch_size
@@ -263,7 +330,7 @@ def collate_crops(samples: list[CropSample | None]) -> CropBatch:
     global_masks = crop_major([s.global_patch_masks for s in kept])
     mim_masks = crop_major([s.mim_masks for s in kept])
     assert global_crops is not None and global_masks is not None and mim_masks is not None
-    return CropBatch(
+    batch = CropBatch(
         global_crops=global_crops,
         local_crops=crop_major([s.local_images for s in kept]) if pending is None else None,
         global_patch_masks=global_masks,
@@ -274,6 +341,41 @@ def collate_crops(samples: list[CropSample | None]) -> CropBatch:
         n_whole_image_fallback=sum(s.whole_image_fallback for s in kept),
         n_crop_failures=sum(s.crop_failures for s in kept),
         pending=pending,
+    )
+    if kept[0].other_global_masks is None:
+        return batch
+    return _with_object_slots(batch, kept)
+
+
+def _with_object_slots(batch: CropBatch, kept: list[CropSample]) -> CropBatch:
+    """`batch` with every sample's objects in S slots per view (S: the widest sample's
+    slots): slot 0 the target, then its other objects, then all-false padding."""
+    n_slots = max(sample.n_slots for sample in kept)
+    object_slots = torch.zeros(len(kept), n_slots, dtype=torch.bool)
+    for row, sample in enumerate(kept):
+        assert sample.other_global_masks is not None
+        object_slots[row, : 1 + len(sample.other_global_masks[0])] = True
+
+    def slot_masks(targets: Tensor | None, others_of: list[list[Tensor]]) -> Tensor | None:
+        if targets is None:
+            return None
+        n_views, width = len(others_of[0]), targets.shape[-1]
+        masks = torch.zeros(n_views * len(kept), n_slots, width, dtype=torch.bool)
+        masks[:, 0] = targets  # crop-major rows, as `targets`
+        for view in range(n_views):
+            for row, others in enumerate(others_of):
+                masks[view * len(kept) + row, 1 : 1 + len(others[view])] = others[view]
+        return masks
+
+    return dataclasses.replace(
+        batch,
+        global_object_masks=slot_masks(
+            batch.global_patch_masks, [s.other_global_masks or [] for s in kept]
+        ),
+        local_object_masks=slot_masks(
+            batch.local_patch_masks, [s.other_local_masks or [] for s in kept]
+        ),
+        object_slots=object_slots,
     )
 
 

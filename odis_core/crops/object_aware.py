@@ -169,6 +169,20 @@ def patchify(coverage: Tensor, threshold: float = PATCH_IN_THRESHOLD) -> Tensor:
     return inside
 
 
+def visible_patch_mask(
+    integral: ObjectIntegral, crop: CropBox, flip: bool, grid: tuple[int, int]
+) -> Tensor:
+    """(gh * gw,) bool, row-major: the patches of a view where an object that is NOT the
+    view's target covers >= 50 % (the same exact rule as `patchify`, flipped with the view).
+
+    Unlike `patchify`, no patch is forced in: another object may be outside the view, and
+    an all-false mask is how it says so (issue 19, several objects per image)."""
+    coverage = integral.patch_coverage_array(crop, grid)
+    if flip:
+        coverage = coverage[:, ::-1]
+    return torch.from_numpy(np.ascontiguousarray(coverage).reshape(-1) >= PATCH_IN_THRESHOLD)
+
+
 def _contains_box(crop: CropBox, box_xyxy: tuple[float, float, float, float]) -> bool:
     x0, y0, x1, y1 = box_xyxy
     return (
@@ -408,6 +422,9 @@ class MultiCropViews:
     crop_failures: int  # crops that fell back to the best-coverage try
     global_plans: list[ViewPlan] = field(default_factory=list)
     local_plans: list[ViewPlan] = field(default_factory=list)
+    # Every view's geometry, globals then locals: (crop in source pixels, flipped). Other
+    # objects of the image get their patch masks in these views from it (issue 19).
+    geometry: list[tuple[CropBox, bool]] = field(default_factory=list)
 
 
 class ObjectMultiCrop:
@@ -503,6 +520,7 @@ class ObjectMultiCrop:
                 coverage = torch.flip(coverage, dims=[1])
             masks = views.global_patch_masks if is_global else views.local_patch_masks
             masks.append(patchify(coverage))
+            views.geometry.append((crop, flip))
             if clock is not None:
                 started = clock.lap("patch masks", started)
             if not self.render_pixels:

@@ -8,6 +8,15 @@ view, at masked patches only: averaged over that image's masked patches (at leas
 then over the batch, then over the global crops.
 The centres (one for [OBJ], one for patches) are updated after the loss with the batch
 mean of the teacher outputs, all-reduced across ranks, with momentum 0.9.
+
+Several objects per image (issue 19): each object of an image has its own [OBJ] output per
+view, and its own L_obj terms, the same (q, v) pairs as above, counted only where the
+object has patches in both views q and v. L_obj is the mean over all counted (object, q, v)
+terms, which for one object per image is the mean above. The [OBJ] centre is the mean of
+the teacher [OBJ] outputs of the objects present in their global view (every output, for
+one object per image), so it tracks what the loss sharpens against. Under DDP each rank
+averages its own counted terms and the gradient all-reduce averages the ranks: ranks that
+count different numbers of terms weigh them slightly unlike one large batch would.
 """
 
 from __future__ import annotations
@@ -42,14 +51,35 @@ class LossTerms:
     # Mean entropy of the teacher's [OBJ] distribution (nats), a 0-d tensor: reading it with
     # the loss terms in one transfer (`as_floats`) keeps the step at one GPU sync.
     teacher_entropy: torch.Tensor | float = 0.0
+    # How many (object, teacher view, student view) [OBJ] terms L_obj averages this step.
+    object_pairs: torch.Tensor | float = 0.0
 
     def as_floats(self) -> dict[str, float]:
         """All terms as Python floats, copied from the device in one transfer."""
-        entropy = torch.as_tensor(self.teacher_entropy, device=self.total.device)
+        device = self.total.device
+        entropy = torch.as_tensor(self.teacher_entropy, device=device)
+        pairs = torch.as_tensor(self.object_pairs, device=device)
         values = torch.stack(
-            [self.total.detach(), self.obj.detach(), self.mim.detach(), entropy.float()]
+            [self.total.detach(), self.obj.detach(), self.mim.detach(), entropy.float(),
+             pairs.float()]
         ).tolist()
-        return dict(zip(("loss", "loss_obj", "loss_mim", "teacher_entropy"), values, strict=True))
+        names = ("loss", "loss_obj", "loss_mim", "teacher_entropy", "object_pairs")
+        return dict(zip(names, values, strict=True))
+
+
+def object_pair_masks(
+    view_objects: list[torch.Tensor], n_global: int
+) -> list[tuple[int, int, torch.Tensor]]:
+    """The [OBJ] terms of several objects per image: (q, v, (B, S) bool) for teacher global
+    view q and student view v != q, True where the object is in both views.
+
+    view_objects: per view (globals first), (B, S) bool, True where the object has patches."""
+    return [
+        (q, v, view_objects[q] & present)
+        for q in range(n_global)
+        for v, present in enumerate(view_objects)
+        if v != q
+    ]
 
 
 class IBOTLoss(nn.Module):
@@ -101,6 +131,8 @@ class IBOTLoss(nn.Module):
         teacher_patch: torch.Tensor,
         student_mim_mask: torch.Tensor,
         epoch: int,
+        global_objects: torch.Tensor | None = None,
+        local_objects: torch.Tensor | None = None,
     ) -> LossTerms:
         """Loss terms of one step; updates the centres afterwards.
 
@@ -109,7 +141,16 @@ class IBOTLoss(nn.Module):
         student_patch: (G*B, N, K2) student patch logits of the masked global crops.
         teacher_obj: (G*B, K) teacher [OBJ] logits; teacher_patch: (G*B, N, K2).
         student_mim_mask: (G*B, N) bool, True at masked patches.
+        Several objects per image: student_obj (G*B, S, K), student_local_obj (L*B, S, K),
+        teacher_obj (G*B, S, K); global_objects (G*B, S) and local_objects (L*B, S) bool,
+        True where the object has patches in that view (False: absent, or a padding slot).
         """
+        if student_obj.ndim == 3:
+            assert global_objects is not None
+            return self._several_objects(
+                student_obj, student_local_obj, student_patch, teacher_obj, teacher_patch,
+                student_mim_mask, epoch, global_objects, local_objects,
+            )
         temp, temp_patch = self.teacher_temperatures(epoch)
         n_global = self.n_global_crops
 
@@ -152,19 +193,110 @@ class IBOTLoss(nn.Module):
         entropy = -(teacher_obj_probs * teacher_obj_probs.clamp_min(1e-12).log()).sum(-1).mean()
         self.update_centers(teacher_obj, teacher_patch)
         return LossTerms(
-            obj=loss_obj, mim=loss_mim, total=loss_obj + loss_mim, teacher_entropy=entropy.detach()
+            obj=loss_obj, mim=loss_mim, total=loss_obj + loss_mim, teacher_entropy=entropy.detach(),
+            object_pairs=float(n_obj_terms * len(teacher_obj_chunks[0])),
         )
 
+    def _several_objects(
+        self,
+        student_obj: torch.Tensor,
+        student_local_obj: torch.Tensor | None,
+        student_patch: torch.Tensor,
+        teacher_obj: torch.Tensor,
+        teacher_patch: torch.Tensor,
+        student_mim_mask: torch.Tensor,
+        epoch: int,
+        global_objects: torch.Tensor,
+        local_objects: torch.Tensor | None,
+    ) -> LossTerms:
+        """`forward` with S [OBJ] slots per image (see there and the module docstring)."""
+        temp, _ = self.teacher_temperatures(epoch)
+        n_global = self.n_global_crops
+        student_views = (
+            [student_obj] if student_local_obj is None else [student_obj, student_local_obj]
+        )
+        student_chunks = (torch.cat(student_views).float() / self.student_temp).chunk(
+            n_global + self.n_local_crops
+        )
+        objects = global_objects if local_objects is None else torch.cat(
+            [global_objects, local_objects]
+        )
+        view_objects = list(objects.chunk(n_global + self.n_local_crops))
+        teacher_probs = F.softmax((teacher_obj.float() - self.center) / temp, dim=-1)
+        teacher_chunks = teacher_probs.detach().chunk(n_global)
+
+        loss_sum = student_obj.new_zeros((), dtype=torch.float32)
+        n_pairs = student_obj.new_zeros((), dtype=torch.float32)
+        for q, v, pair in object_pair_masks(view_objects, n_global):
+            per_term = torch.sum(
+                -teacher_chunks[q] * F.log_softmax(student_chunks[v], dim=-1), dim=-1
+            )  # (B, S)
+            loss_sum = loss_sum + torch.where(pair, per_term, 0.0).sum()
+            n_pairs = n_pairs + pair.sum()
+        loss_obj = loss_sum / n_pairs.clamp(min=1.0) * self.lambda_obj
+        loss_mim = self._mim_loss(student_patch, teacher_patch, student_mim_mask, epoch)
+        present = global_objects.float()
+        per_entry = -(teacher_probs * teacher_probs.clamp_min(1e-12).log()).sum(-1)
+        entropy = (per_entry * present).sum() / present.sum().clamp(min=1.0)
+        self.update_centers(teacher_obj, teacher_patch, global_objects)
+        return LossTerms(
+            obj=loss_obj, mim=loss_mim, total=loss_obj + loss_mim,
+            teacher_entropy=entropy.detach(), object_pairs=n_pairs.detach(),
+        )
+
+    def _mim_loss(
+        self,
+        student_patch: torch.Tensor,
+        teacher_patch: torch.Tensor,
+        student_mim_mask: torch.Tensor,
+        epoch: int,
+    ) -> torch.Tensor:
+        """λ2·L_mim, the same arithmetic as in `forward`'s loop."""
+        _, temp_patch = self.teacher_temperatures(epoch)
+        n_global = self.n_global_crops
+        student_chunks = (student_patch.float() / self.student_temp).chunk(n_global)
+        mim_mask_chunks = student_mim_mask.flatten(1).float().chunk(n_global)
+        teacher_probs = F.softmax((teacher_patch.float() - self.center_patch) / temp_patch, dim=-1)
+        teacher_chunks = teacher_probs.detach().chunk(n_global)
+        loss_mim = student_patch.new_zeros((), dtype=torch.float32)
+        for q in range(n_global):
+            per_patch = torch.sum(
+                -teacher_chunks[q] * F.log_softmax(student_chunks[q], dim=-1), dim=-1
+            )
+            mask = mim_mask_chunks[q]
+            per_image = (per_patch * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
+            loss_mim = loss_mim + per_image.mean()
+        return loss_mim / n_global * self.lambda_mim
+
     @torch.no_grad()
-    def update_centers(self, teacher_obj: torch.Tensor, teacher_patch: torch.Tensor) -> None:
-        """EMA of the batch mean of the teacher outputs, averaged over all ranks."""
-        obj_sum = teacher_obj.float().sum(dim=0, keepdim=True)
+    def update_centers(
+        self,
+        teacher_obj: torch.Tensor,
+        teacher_patch: torch.Tensor,
+        global_objects: torch.Tensor | None = None,
+    ) -> None:
+        """EMA of the batch mean of the teacher outputs, averaged over all ranks.
+
+        Several objects per image (teacher_obj (G*B, S, K), global_objects (G*B, S) bool):
+        the [OBJ] mean is over the objects present in their view; the patch mean stays
+        over the G*B crops."""
         patch_sum = teacher_patch.float().mean(dim=1).sum(dim=0, keepdim=True)
-        count = torch.tensor(float(len(teacher_obj)), device=obj_sum.device)
+        count = torch.tensor(float(len(teacher_patch)), device=patch_sum.device)
+        if global_objects is None:
+            obj_sum = teacher_obj.float().sum(dim=0, keepdim=True)
+            obj_count = count
+        else:
+            present = global_objects.float().unsqueeze(-1)
+            obj_sum = (teacher_obj.float() * present).sum(dim=(0, 1)).unsqueeze(0)
+            obj_count = present.sum()
         if dist.is_available() and dist.is_initialized():
-            for tensor in (obj_sum, patch_sum, count):
+            reduced = (obj_sum, patch_sum, count) if global_objects is None else (
+                obj_sum, patch_sum, count, obj_count)
+            for tensor in reduced:
                 dist.all_reduce(tensor)
-        self.center.mul_(self.center_momentum).add_(obj_sum / count, alpha=1 - self.center_momentum)
+        self.center.mul_(self.center_momentum).add_(
+            obj_sum / obj_count, alpha=1 - self.center_momentum
+        )
         self.center_patch.mul_(self.center_momentum_patch).add_(
             patch_sum.unsqueeze(1) / count, alpha=1 - self.center_momentum_patch
         )

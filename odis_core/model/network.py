@@ -52,7 +52,13 @@ class DistillationNetwork(nn.Module):
         Returns object logits (B, K), patch logits (B, N, K) if `with_patches` else None,
         and, if `with_object_feature`, the backbone's object feature (B, D) the head read.
         The head runs once over all tokens (shared head).
+        A read-out backbone also takes obj_patch_mask (B, S, N): S objects per image, one
+        [OBJ] token each (issue 19); the object logits are then (B, S, K).
         """
+        if obj_patch_mask.ndim == 3:
+            return self._several_objects(
+                images, obj_patch_mask, mim_mask, with_patches, with_object_feature
+            )
         object_token, patch_tokens = self.encode(images, obj_patch_mask, mim_mask)
         logits = self.project(object_token, patch_tokens, with_patches)
         return (*logits, object_token.squeeze(1)) if with_object_feature else logits
@@ -79,6 +85,28 @@ class DistillationNetwork(nn.Module):
         logits = self.head(torch.cat([object_token, patch_tokens], dim=1))
         return logits[:, 0], logits[:, 1:]
 
+    def _several_objects(
+        self,
+        images: torch.Tensor,
+        obj_patch_masks: torch.Tensor,
+        mim_mask: torch.Tensor | None,
+        with_patches: bool,
+        with_object_feature: bool = False,
+    ) -> tuple[torch.Tensor, ...]:
+        """(B, S, N) object masks -> [OBJ] logits (B, S, K), patch logits (B, N, K) (None
+        without `with_patches`) and, if asked, the target's (slot 0) [OBJ] feature (B, D)."""
+        if not (self.backbone.obj_readout and self.masked_attention):
+            raise ValueError("several objects per image need read-out [OBJ] tokens with "
+                             "masked attention and the [OBJ] feature")
+        n_objects = obj_patch_masks.shape[1]
+        tokens = self.backbone(images, obj_patch_mask=obj_patch_masks, mim_mask=mim_mask)
+        if not with_patches:
+            logits = (self.head(tokens[:, :n_objects]), None)
+        else:
+            all_logits = self.head(tokens)
+            logits = (all_logits[:, :n_objects], all_logits[:, n_objects:])
+        return (*logits, tokens[:, 0]) if with_object_feature else logits
+
 
 class MultiCropStudent(nn.Module):
     """The student's whole step in one `forward`: masked global crops with patch logits,
@@ -100,7 +128,9 @@ class MultiCropStudent(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """Returns global [OBJ] logits (G*B, K), patch logits (G*B, N, K), local [OBJ]
         logits (L*B, K) or None, and the global crops' backbone object features (G*B, D)
-        (what the KoLeo regulariser spreads; free: the head's input)."""
+        (what the KoLeo regulariser spreads; free: the head's input). With (., S, N)
+        object masks (several objects per image) the [OBJ] logits are (G*B, S, K) and
+        (L*B, S, K), and the features are the target's (slot 0)."""
         obj, patch, features = self.network(
             global_crops, global_patch_masks, mim_mask=mim_masks, with_object_feature=True
         )

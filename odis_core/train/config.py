@@ -54,6 +54,11 @@ class PretrainConfig:
     # Read-out [OBJ] tokens (issue 19): no row attends to an [OBJ] key but its own, so
     # inference embeds every object of an image in one pass. Off = the paper's model.
     obj_readout: bool = False
+    # Objects trained per image (issue 19): 1 = the paper (the crops' target only); K > 1 =
+    # the target plus up to K - 1 other objects of the image, each with its own read-out
+    # [OBJ] token and [OBJ] loss terms; 0 = every object of the image. K != 1 needs
+    # obj_readout (several [OBJ] keys that patches read is the variant reported to collapse).
+    objects_per_image: int = 1
 
     # Multi-crop (spec §3)
     global_size: int = 224
@@ -145,6 +150,7 @@ class PretrainConfig:
         config = dataclasses.replace(self)
         if config.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {config.objective!r}")
+        _check_objects_per_image(config)
         if config.objective == "image":
             config.masked_attention = False
             config.object_crops = False
@@ -209,6 +215,25 @@ class PretrainConfig:
             for name, value in values.items()
         }
         return cls(**converted)
+
+
+def _check_objects_per_image(config: PretrainConfig) -> None:
+    """Several objects per image are only defined for ODIS's [OBJ] tokens, read out."""
+    count = config.objects_per_image
+    if count < 0:
+        raise ValueError(f"{_option('objects_per_image')} {count}: must be >= 0 (0: all)")
+    if count == 1:
+        return
+    if config.objective != "odis":
+        raise ValueError(f"--objects-per-image {count} needs --objective odis: the image "
+                         "objective has no objects")
+    if not config.obj_readout:
+        raise ValueError(f"--objects-per-image {count} needs --obj-readout: without read-out "
+                         "tokens every patch attends to every object's [OBJ] key (the "
+                         "several-[OBJ] variant the paper's authors saw collapse)")
+    if not config.masked_attention or config.feature != "obj":
+        raise ValueError(f"--objects-per-image {count} needs masked attention and the [OBJ] "
+                         "feature: each object's token reads its own patches")
 
 
 def _fits(value: Any, hint: Any) -> bool:

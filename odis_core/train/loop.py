@@ -321,7 +321,8 @@ def make_dataset(config: PretrainConfig, store: MaskStore, images_root: Path) ->
         min_patches_per_block=config.min_patches_per_block,
     )
     return ObjectCropDataset(
-        store, images_root, multicrop, mim, seed=config.seed, min_object_area=config.min_object_area
+        store, images_root, multicrop, mim, seed=config.seed,
+        min_object_area=config.min_object_area, objects_per_image=config.objects_per_image,
     )
 
 
@@ -504,17 +505,20 @@ class Trainer:
         batch = batch.to(self.device, non_blocking=True)
         with torch.no_grad():
             batch = batch.rendered(config.global_size, config.local_size)
+        # Several objects per image (issue 19): S [OBJ] slots per view, the target in slot 0.
+        global_objects, local_objects = objects_in_views(batch)
+        several = global_objects is not None
+        global_masks = batch.global_object_masks if several else batch.global_patch_masks
+        local_masks = batch.local_object_masks if several else batch.local_patch_masks
         with autocast(self.device, self.precision):
             with torch.no_grad():
-                teacher_obj, teacher_patch = self.teacher_step(
-                    batch.global_crops, batch.global_patch_masks
-                )
+                teacher_obj, teacher_patch = self.teacher_step(batch.global_crops, global_masks)
             student_obj, student_patch, student_local_obj, student_features = self.student_step(
                 batch.global_crops,
-                batch.global_patch_masks,
+                global_masks,
                 batch.mim_masks,
                 batch.local_crops,
-                batch.local_patch_masks,
+                local_masks,
             )
             terms = self.loss(
                 student_obj,
@@ -524,6 +528,8 @@ class Trainer:
                 teacher_patch,
                 batch.mim_masks,
                 epoch,
+                global_objects,
+                local_objects,
             )
             total_loss, koleo = terms.total, None
             if config.koleo_weight > 0:
@@ -555,6 +561,21 @@ class Trainer:
             "teacher_temp": temp,
             "grad_norm": grad_norm,
         }
+
+
+def objects_in_views(batch: CropBatch) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(G*B, S) and (L*B, S) bool: where each [OBJ] slot's object has patches in that view
+    (padding slots never); (None, None) for one object per image."""
+    # getattr: a batch built by hand (library users, tests) may predate these fields.
+    if getattr(batch, "global_object_masks", None) is None or batch.object_slots is None:
+        return None, None
+    slots = batch.object_slots  # (B, S): padding is all-false anyway; this makes it explicit
+
+    def present(masks: torch.Tensor) -> torch.Tensor:
+        return masks.any(-1) & slots.repeat(len(masks) // len(slots), 1)  # crop-major rows
+
+    local = batch.local_object_masks
+    return present(batch.global_object_masks), None if local is None else present(local)
 
 
 def world_size() -> int:

@@ -70,9 +70,11 @@ def estimate_step_memory(config: PretrainConfig, device: str = "cpu") -> StepMem
         + hidden * bottleneck + bottleneck * config.out_dim
     )
     fixed = (backbone_params + head_params) * 4 * 6 + RUNTIME_BYTES
-    # + [CLS] and [OBJ] in every crop
-    global_len = (config.global_size // config.patch_size) ** 2 + 2
-    local_len = (config.local_size // config.patch_size) ** 2 + 2
+    # + [CLS] and [OBJ] in every crop, + the other objects' [OBJ] tokens (objects_per_image
+    # K > 1; with 0, "every object", their number is the data's and is not counted here)
+    other_objects = max(config.objects_per_image - 1, 0)
+    global_len = (config.global_size // config.patch_size) ** 2 + 2 + other_objects
+    local_len = (config.local_size // config.patch_size) ** 2 + 2 + other_objects
     tokens = config.n_global_crops * global_len + config.n_local_crops * local_len
     squares = config.n_global_crops * global_len**2 + config.n_local_crops * local_len**2
     per_image = BYTES_PER_UNIT * depth * (dim * tokens + heads * squares)

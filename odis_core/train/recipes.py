@@ -30,6 +30,8 @@ MEANINGS = {
     "solarize_prob": "probability of solarize on the second global view (iBOT 0.2)",
     "pos_embed_resample": "local crops' pos grid: ibot (scale-factor bicubic, official), timm",
     "obj_readout": "read-out [OBJ] tokens: no token attends to an [OBJ] key (issue 19)",
+    "objects_per_image": "objects trained per image: 1 = the target only (paper), K = up to K, "
+    "0 = all; != 1 needs obj_readout",
     "steps": "schedule length in steps (null: epochs x steps/epoch); the run trains that many",
     "precision": "autocast: auto (bf16 on CUDA and on CPUs with bf16 matrix units), bf16 or fp32",
     "eval_k": "k of the online k-NN monitor's weighted vote",
