@@ -8,7 +8,9 @@ from torchvision.transforms import RandomResizedCrop
 
 from odis_core.crops.object_aware import (
     CropBox,
+    ObjectIntegral,
     ObjectMultiCrop,
+    draw_object_crop,
     object_coverage,
     patch_coverage,
     patchify,
@@ -86,7 +88,20 @@ def test_patchify_thresholds_at_half_and_always_keeps_the_best_patch():
     assert patchify(empty).tolist() == [False, False, True, False]
 
 
-def success_rate(object_aware: bool, is_global: bool, box_xyxy, image_hw=(128, 128)) -> float:
+def production_crop(mask, box, scale, ratio, out_size, patch, is_global, generator,
+                    max_tries=20, object_aware=True):
+    """`draw_object_crop` (what ObjectMultiCrop uses) with `sample_object_crop`'s signature."""
+    return draw_object_crop(ObjectIntegral(mask), box, scale, ratio, out_size, patch, is_global,
+                            generator, max_tries=max_tries, object_aware=object_aware)
+
+
+# Both samplers: the reference (one draw per try) and the production one (all tries at once).
+SAMPLERS = pytest.mark.parametrize("sampler", [sample_object_crop, production_crop],
+                                   ids=["reference", "production"])
+
+
+def success_rate(object_aware: bool, is_global: bool, box_xyxy, image_hw=(128, 128),
+                 sampler=sample_object_crop) -> float:
     mask = torch.from_numpy(box_mask(image_hw, box_xyxy)).float()
     scale = (0.25, 1.0) if is_global else (0.05, 0.25)
     out_size, patch = (32, 8) if is_global else (16, 8)
@@ -94,8 +109,8 @@ def success_rate(object_aware: bool, is_global: bool, box_xyxy, image_hw=(128, 1
     successes = 0
     n_draws = 300
     for _ in range(n_draws):
-        crop, _, _ = sample_object_crop(mask, box_xyxy, scale, RATIO, out_size, patch, is_global,
-                                        generator, object_aware=object_aware)
+        crop, _, _ = sampler(mask, box_xyxy, scale, RATIO, out_size, patch, is_global,
+                             generator, object_aware=object_aware)
         if is_global:
             successes += contains(crop, box_xyxy)
         else:
@@ -103,16 +118,18 @@ def success_rate(object_aware: bool, is_global: bool, box_xyxy, image_hw=(128, 1
     return successes / n_draws
 
 
-def test_global_crops_contain_the_object_box_when_feasible():
+@SAMPLERS
+def test_global_crops_contain_the_object_box_when_feasible(sampler):
     box = (70, 20, 100, 50)  # 30 x 30 object off-centre in a 128 x 128 image
-    assert success_rate(True, True, box) >= 0.99
-    assert success_rate(False, True, box) < 0.8
+    assert success_rate(True, True, box, sampler=sampler) >= 0.99
+    assert success_rate(False, True, box, sampler=sampler) < 0.8
 
 
-def test_local_crops_put_a_patch_on_the_object_when_feasible():
+@SAMPLERS
+def test_local_crops_put_a_patch_on_the_object_when_feasible(sampler):
     box = (10, 70, 60, 120)  # 50 x 50: a patch of a 5-25 % local crop fits on it
-    assert success_rate(True, False, box) >= 0.99
-    assert success_rate(False, False, box) < 0.6
+    assert success_rate(True, False, box, sampler=sampler) >= 0.99
+    assert success_rate(False, False, box, sampler=sampler) < 0.6
 
 
 def test_fallback_keeps_the_best_coverage_try_when_no_crop_can_succeed():

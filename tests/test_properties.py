@@ -6,12 +6,18 @@ border, masks of every shape).
 """
 
 import numpy as np
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from odis_core.crops.object_aware import ObjectMultiCrop, sample_object_crop
+from odis_core.crops.object_aware import (
+    ObjectIntegral,
+    ObjectMultiCrop,
+    draw_object_crop,
+    sample_object_crop,
+)
 from odis_core.crops.photometric import IMAGENET_MEAN, IMAGENET_STD
 from odis_core.masks.store import MaskStore, ObjectRecord, encode_mask, object_from_mask
 
@@ -87,14 +93,21 @@ def test_multicrop_patch_masks_are_never_empty_and_stay_aligned_with_the_image(
             assert (brightness[patch_mask] >= 0.5 - RESAMPLING_SLACK).all()
 
 
+def _production_crop(mask, *args):
+    return draw_object_crop(ObjectIntegral(mask), *args)
+
+
+# The reference sampler (one draw per try) and the production one ObjectMultiCrop uses.
+@pytest.mark.parametrize("sampler", [sample_object_crop, _production_crop],
+                         ids=["reference", "production"])
 @PROPERTY_SETTINGS
 @given(image_and_box(), st.integers(0, 2**31 - 1), st.booleans())
-def test_a_successful_crop_shows_its_object(image_box, seed, is_global):
+def test_a_successful_crop_shows_its_object(sampler, image_box, seed, is_global):
     hw, box = image_box
     mask = torch.from_numpy(_box_mask(hw, box))
     scale = (0.25, 1.0) if is_global else (0.05, 0.25)
     size = GLOBAL_SIZE if is_global else LOCAL_SIZE
-    crop, tries, success = sample_object_crop(
+    crop, tries, success = sampler(
         mask, box, scale, (3 / 4, 4 / 3), size, PATCH, is_global,
         torch.Generator().manual_seed(seed),
     )
