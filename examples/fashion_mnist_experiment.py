@@ -44,7 +44,7 @@ from odis_core.demo import DemoSettings, chance_level
 from odis_core.embed.inference import build_backbone, embed, load_teacher_backbone
 from odis_core.evaluate.knn import weighted_knn
 from odis_core.masks.coco import import_coco
-from odis_core.masks.store import MaskStore, write_store
+from odis_core.masks.store import MaskStore, MaskStoreError, write_store
 from odis_core.model.obj_vit import ObjViT
 from odis_core.scenes.fashion_mnist import (
     DEFAULT_SOURCE,
@@ -200,6 +200,14 @@ def first_images(store: MaskStore, n_images: int, out: Path) -> MaskStore:
     if n_images <= 0 or n_images >= len(store.images):
         return store
     images = [store.images[i] for i in range(n_images)]
+    # Reuse a bank written before: rewriting it would pull the shards from under another
+    # process of a sweep that shares this workdir and reads the bank lazily.
+    try:
+        written = MaskStore.open(out)
+        if [r.image_id for r in written.images] == [r.image_id for r in images]:
+            return written
+    except (MaskStoreError, OSError):  # absent or incomplete: write it
+        pass
     return write_store(
         out,
         images,

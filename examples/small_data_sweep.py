@@ -313,8 +313,10 @@ def write_report(args: argparse.Namespace) -> None:
                       f"{raw['top1']:.1f} % top-1.")
     (args.workdir / "curves.md").write_text("\n".join(lines + points + footer) + "\n")
     plot_curves(records, raw, args.workdir / "curves.png")
-    if args.results_json is not None and args.config is not None:
-        write_results_json(args, records, raw)
+    if args.config is not None:
+        plot_arms(matched_arms(args, records), raw, args.workdir / "arms.png")
+        if args.results_json is not None:
+            write_results_json(args, records, raw)
 
 
 def plot_curves(records: list[dict[str, Any]], raw: dict[str, Any] | None, path: Path) -> None:
@@ -351,6 +353,42 @@ def plot_curves(records: list[dict[str, Any]], raw: dict[str, Any] | None, path:
     plt.close(figure)
 
 
+def plot_arms(matched: dict[str, dict[str, Any]], raw: dict[str, Any] | None,
+              path: Path) -> None:
+    """The --config recipe's arms on one figure: k-NN against the step (equal steps) and
+    against the training process's CPU seconds (equal compute: what a step of each arm
+    costs), with the untrained and raw-pixel lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (by_step, by_cpu) = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for arm, record in matched.items():
+        curve = record["curve"]
+        top1 = [p["top1"] for p in curve]
+        by_step.plot([p["step"] for p in curve], top1, marker="o", markersize=3, label=arm)
+        by_cpu.plot([p["cpu_s"] for p in curve], top1, marker="o", markersize=3)
+    if matched:
+        untrained = next(iter(matched.values()))["curve"][0]["top1"]
+        for axes in (by_step, by_cpu):
+            axes.axhline(untrained, color="grey", linestyle="--", linewidth=1)
+            if raw is not None:
+                axes.axhline(raw["top1"], color="black", linestyle=":", linewidth=1)
+    by_step.plot([], [], color="grey", linestyle="--", label="untrained")
+    if raw is not None:
+        by_step.plot([], [], color="black", linestyle=":", label="raw pixels")
+    by_step.set_xlabel("optimizer steps (batch 32)")
+    by_cpu.set_xlabel("CPU seconds of the training process")
+    by_step.set_ylabel(f"masked {K}-NN top-1 (%)")
+    by_step.set_title("equal steps", fontsize=10)
+    by_cpu.set_title("equal compute", fontsize=10)
+    figure.legend(fontsize=7, loc="lower center", ncol=5)
+    figure.tight_layout(rect=(0, 0.1, 1, 1))
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
 def same_recipe(ran: dict[str, Any], wanted: dict[str, Any]) -> bool:
     """Whether a run's recorded settings are `wanted`: a run recorded before a
     `PretrainConfig` key existed ran with that key's default (so a run recorded before
@@ -362,13 +400,13 @@ def same_recipe(ran: dict[str, Any], wanted: dict[str, Any]) -> bool:
     )
 
 
-def write_results_json(args: argparse.Namespace, records: list[dict[str, Any]],
-                       raw: dict[str, Any] | None) -> None:
-    """The issue's machine-readable outcome: one curve per arm of the --config recipe (a
-    curve counts when its run's settings are the recipe's with that arm's overrides,
-    whatever name the sweep ran it under)."""
+def matched_arms(args: argparse.Namespace,
+                 records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Arm -> the curve record that ran the --config recipe with that arm's overrides (a
+    curve counts when its run's settings match, whatever name the sweep ran it under; the
+    run named NAME@ARM first, then the longest curve)."""
     recipe = json.loads(args.config.read_text(encoding="utf-8"))
-    arms, readout_arms = {}, {}
+    matched = {}
     for arm, overrides in ARMS.items():
         wanted = arm_config(args, {**recipe, **overrides}, "recipe")
         settings = json.loads(json.dumps(wanted.to_dict()))
@@ -376,17 +414,25 @@ def write_results_json(args: argparse.Namespace, records: list[dict[str, Any]],
         matches = [r for r in records if r["curve"] and same_recipe(r["settings"], settings)]
         matches.sort(key=lambda r: (r["name"] != f"{args.name}@{arm}", -len(r["curve"])))
         if matches:
-            record = matches[0]
-            (arms if arm in ISSUE17_ARMS else readout_arms)[arm] = {
-                "run": record["name"],
-                "curve": [[p["step"], round(p["top1"], 2)] for p in record["curve"]],
-                "participation_ratio": [[p["step"], p["participation_ratio"]]
-                                        for p in record["curve"]],
-                "cpu_s": round(record["cpu_s"], 1), "wall_s": round(record["wall_s"], 1),
-            }
-            if arm not in ISSUE17_ARMS:
-                readout_arms[arm]["object_pairs"] = [[p["step"], p.get("object_pairs")]
-                                                     for p in record["curve"]]
+            matched[arm] = matches[0]
+    return matched
+
+
+def write_results_json(args: argparse.Namespace, records: list[dict[str, Any]],
+                       raw: dict[str, Any] | None) -> None:
+    """The issue's machine-readable outcome: one curve per arm of the --config recipe."""
+    arms, readout_arms = {}, {}
+    for arm, record in matched_arms(args, records).items():
+        (arms if arm in ISSUE17_ARMS else readout_arms)[arm] = {
+            "run": record["name"],
+            "curve": [[p["step"], round(p["top1"], 2)] for p in record["curve"]],
+            "participation_ratio": [[p["step"], p["participation_ratio"]]
+                                    for p in record["curve"]],
+            "cpu_s": round(record["cpu_s"], 1), "wall_s": round(record["wall_s"], 1),
+        }
+        if arm not in ISSUE17_ARMS:
+            readout_arms[arm]["object_pairs"] = [[p["step"], p.get("object_pairs")]
+                                                 for p in record["curve"]]
     odis = arms.get("odis") or next(iter(arms.values()), None)
     runs = {arm["run"] for arm in arms.values()}
     first = next((r["curve"][0] for r in records if r["name"] in runs), None)

@@ -13,7 +13,8 @@ EXAMPLES = ROOT / "examples"
 
 def test_shipped_small_data_recipe_loads_with_its_comments():
     config = load_config_file(ROOT / "configs" / "small-data.json").resolved()
-    assert (config.arch, config.global_size, config.n_local_crops) == ("vit_tiny", 64, 0)
+    assert (config.arch, config.global_size, config.n_local_crops) == ("vit_tiny", 64, 4)
+    assert config.koleo_weight == 0.1 and config.grayscale_prob == 1.0
 
 
 def run(script: str, *args: str) -> subprocess.CompletedProcess:
@@ -66,6 +67,7 @@ def test_sweep_writes_resumable_curves_per_arm_and_the_results_json(fashion_idx_
     assert summary["untrained"]["top1"] == round(odis["curve"][0]["top1"], 2)
     assert summary["raw_pixels"]["top1"] == round(raw["top1"], 2)
     assert (work / "curves.png").is_file() and "r@ibot" in (work / "curves.md").read_text()
+    assert (work / "arms.png").is_file()  # the arms at equal steps and equal CPU seconds
 
 
 def load_sweep():
