@@ -151,7 +151,7 @@ class IBOTLoss(nn.Module):
                 student_obj, student_local_obj, student_patch, teacher_obj, teacher_patch,
                 student_mim_mask, epoch, global_objects, local_objects,
             )
-        temp, temp_patch = self.teacher_temperatures(epoch)
+        temp, _ = self.teacher_temperatures(epoch)
         n_global = self.n_global_crops
 
         student_views = (
@@ -159,36 +159,21 @@ class IBOTLoss(nn.Module):
         )
         student_obj_all = torch.cat(student_views).float() / self.student_temp
         student_obj_chunks = student_obj_all.chunk(n_global + self.n_local_crops)
-        student_patch_chunks = (student_patch.float() / self.student_temp).chunk(n_global)
-        mim_mask_chunks = student_mim_mask.flatten(1).float().chunk(n_global)
-
         teacher_obj_probs = F.softmax((teacher_obj.float() - self.center) / temp, dim=-1)
         teacher_obj_chunks = teacher_obj_probs.detach().chunk(n_global)
-        teacher_patch_probs = F.softmax(
-            (teacher_patch.float() - self.center_patch) / temp_patch, dim=-1
-        )
-        teacher_patch_chunks = teacher_patch_probs.detach().chunk(n_global)
 
+        # iBOT's loop: view pairs q != v give the [OBJ] terms; q == v the MIM term
+        # (`_mim_loss`, the same additions in the same order).
         loss_obj = student_obj.new_zeros((), dtype=torch.float32)
-        loss_mim = student_obj.new_zeros((), dtype=torch.float32)
-        n_obj_terms = n_mim_terms = 0
+        n_obj_terms = 0
         for q, teacher_q in enumerate(teacher_obj_chunks):
             for v, student_v in enumerate(student_obj_chunks):
-                if v == q:
-                    per_patch = torch.sum(
-                        -teacher_patch_chunks[q] * F.log_softmax(student_patch_chunks[v], dim=-1),
-                        dim=-1,
-                    )
-                    mask = mim_mask_chunks[v]
-                    per_image = (per_patch * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
-                    loss_mim = loss_mim + per_image.mean()
-                    n_mim_terms += 1
-                else:
+                if v != q:
                     per_image = torch.sum(-teacher_q * F.log_softmax(student_v, dim=-1), dim=-1)
                     loss_obj = loss_obj + per_image.mean()
                     n_obj_terms += 1
         loss_obj = loss_obj / max(n_obj_terms, 1) * self.lambda_obj
-        loss_mim = loss_mim / max(n_mim_terms, 1) * self.lambda_mim
+        loss_mim = self._mim_loss(student_patch, teacher_patch, student_mim_mask, epoch)
         # Collapse shows as this entropy pinned near ln(out_dim) (uniform) or near 0 (one-hot).
         entropy = -(teacher_obj_probs * teacher_obj_probs.clamp_min(1e-12).log()).sum(-1).mean()
         self.update_centers(teacher_obj, teacher_patch)
@@ -251,7 +236,8 @@ class IBOTLoss(nn.Module):
         student_mim_mask: torch.Tensor,
         epoch: int,
     ) -> torch.Tensor:
-        """λ2·L_mim, the same arithmetic as in `forward`'s loop."""
+        """λ2·L_mim: per global view, the masked patches' cross-entropy averaged over each
+        image's masked patches, then over the batch, then over the global views."""
         _, temp_patch = self.teacher_temperatures(epoch)
         n_global = self.n_global_crops
         student_chunks = (student_patch.float() / self.student_temp).chunk(n_global)
