@@ -275,7 +275,8 @@ def load_curves(workdir: Path) -> list[dict[str, Any]]:
 
 def write_report(args: argparse.Namespace) -> None:
     """WORKDIR/curves.md (one row per recipe: start, best, end, CPU seconds; every point)
-    and curves.png (top-1 against steps, untrained and raw-pixel lines)."""
+    and curves.png (top-1 and participation ratio against steps for the recipes, with the
+    untrained and raw-pixel lines; a --config recipe's arms go to arms.png)."""
     records = load_curves(args.workdir)
     raw_path = args.workdir / "raw_pixels.json"
     raw = json.loads(raw_path.read_text()) if raw_path.is_file() else None
@@ -329,7 +330,7 @@ def plot_curves(records: list[dict[str, Any]], raw: dict[str, Any] | None, path:
     untrained = None
     for record in records:
         curve = record["curve"]
-        if len(curve) < 2:
+        if len(curve) < 2 or "@" in record["name"]:  # arms (NAME@ARM) go to arms.png
             continue
         steps = [p["step"] for p in curve]
         axes.plot(steps, [p["top1"] for p in curve], marker="o", markersize=3,
