@@ -326,7 +326,11 @@ def plot_curves(records: list[dict[str, Any]], raw: dict[str, Any] | None, path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, (axes, rank_axes) = plt.subplots(1, 2, figsize=(12, 4.5))
+    figure, (axes, rank_axes) = plt.subplots(1, 2, figsize=(12, 5))
+    # More recipes than the default ten colours: one colour per recipe.
+    colours = plt.get_cmap("tab20").colors
+    for each in (axes, rank_axes):
+        each.set_prop_cycle(color=colours)
     untrained = None
     for record in records:
         curve = record["curve"]
@@ -349,7 +353,7 @@ def plot_curves(records: list[dict[str, Any]], raw: dict[str, Any] | None, path:
     axes.set_title("Fashion-MNIST scenes: teacher k-NN during pretraining", fontsize=10)
     rank_axes.set_title("how many dimensions the features use", fontsize=10)
     figure.legend(fontsize=7, loc="lower center", ncol=4)
-    figure.tight_layout(rect=(0, 0.12, 1, 1))
+    figure.tight_layout(rect=(0, 0.18, 1, 1))
     figure.savefig(path, dpi=120)
     plt.close(figure)
 
