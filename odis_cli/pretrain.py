@@ -265,6 +265,10 @@ def pretrain(
     momentum_teacher: Annotated[
         float | None, _option("momentum_teacher", "Teacher EMA momentum at the start (to 1).")
     ] = None,
+    koleo_weight: Annotated[
+        float | None,
+        _option("koleo_weight", "KoLeo regulariser on the [OBJ] features (DINOv2: 0.1; 0 off)."),
+    ] = None,
     seed: Annotated[int | None, _option("seed", "Seed of weights, crops and data order.")] = None,
     device: Annotated[str | None, _option("device", "auto, cpu or cuda.")] = None,
     workers: Annotated[int | None, _option("workers", "Data-loading processes.")] = None,
@@ -421,6 +425,7 @@ def pretrain(
             warmup_epochs=warmup_epochs,
             teacher_temp=teacher_temp,
             momentum_teacher=momentum_teacher,
+            koleo_weight=koleo_weight,
             seed=seed,
             device=device,
             workers=workers,

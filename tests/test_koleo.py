@@ -70,3 +70,13 @@ def test_koleo_weight_adds_its_term_to_the_step_loss():
     assert regularised["loss_obj"] == pytest.approx(plain["loss_obj"], rel=1e-6)
     assert regularised["loss_koleo"] > 0
     assert regularised["loss"] == pytest.approx(plain["loss"] + regularised["loss_koleo"], rel=1e-6)
+
+
+def test_koleo_settings_are_checked_before_training():
+    from odis_core.train.config import PretrainConfig
+
+    with pytest.raises(ValueError, match="koleo_weight .*--batch-size >= 2"):
+        PretrainConfig(koleo_weight=0.1, batch_size=1).resolved()
+    with pytest.raises(ValueError, match="koleo_weight .*must be >= 0"):
+        PretrainConfig(koleo_weight=-0.1).resolved()
+    assert PretrainConfig(koleo_weight=0.1, batch_size=2).resolved().koleo_weight == 0.1

@@ -163,10 +163,15 @@ class PretrainConfig:
             value = getattr(config, name)
             if value is not None and value < 1:
                 raise ValueError(f"{_option(name)} {value}: must be >= 1")
-        for name in ("lr", "min_lr", "workers", "n_local_crops", "weight_decay", "clip_grad"):
+        for name in ("lr", "min_lr", "workers", "n_local_crops", "weight_decay", "clip_grad",
+                     "koleo_weight"):
             value = getattr(config, name)
             if value < 0:
                 raise ValueError(f"{_option(name)} {value}: must be >= 0")
+        if config.koleo_weight > 0 and config.batch_size < 2:
+            # KoLeo pushes each feature from its nearest neighbour in the batch: it needs one.
+            raise ValueError(f"{_option('koleo_weight')} {config.koleo_weight}: needs "
+                             f"--batch-size >= 2 per process, not {config.batch_size}")
         if config.device not in ("auto", "cpu") and not config.device.startswith("cuda"):
             raise ValueError(f"--device {config.device}: use auto, cpu or cuda (cuda:N)")
         if config.attention_impl not in ("auto", "split", "dense"):
