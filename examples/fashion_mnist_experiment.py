@@ -181,17 +181,26 @@ def build_data(args: argparse.Namespace) -> tuple[dict[str, Path], dict[str, Mas
         config=scene_config,
     )
     images = {name: split.images_dir for name, split in splits.items()}
-    stores = {
-        name: import_coco(
-            split.annotations, args.workdir / "masks" / name, images_root=split.images_dir
-        )[0]
-        for name, split in splits.items()
-    }
+    stores = {name: _imported_store(split, args.workdir / "masks" / name)
+              for name, split in splits.items()}
     images["bank"], stores["bank"] = (
         images["train"],
         first_images(stores["train"], args.bank_scenes, args.workdir / "masks" / "bank"),
     )
     return images, stores
+
+
+def _imported_store(split: Any, out: Path) -> MaskStore:
+    """The split's annotations as a mask store: the one imported before when it holds the
+    same images (re-importing would pull its shards from under another sweep of the same
+    workdir that is reading them), else a fresh import."""
+    try:
+        written = MaskStore.open(out)
+        if len(written.images) == len(json.loads(split.annotations.read_text())["images"]):
+            return written
+    except (MaskStoreError, OSError, KeyError, ValueError):  # absent or incomplete: import
+        pass
+    return import_coco(split.annotations, out, images_root=split.images_dir)[0]
 
 
 def first_images(store: MaskStore, n_images: int, out: Path) -> MaskStore:
