@@ -54,16 +54,18 @@ class LossTerms:
     # How many (object, teacher view, student view) [OBJ] terms L_obj averages this step.
     object_pairs: torch.Tensor | float = 0.0
 
-    def as_floats(self) -> dict[str, float]:
-        """All terms as Python floats, copied from the device in one transfer."""
+    def as_floats(self, extra: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
+        """All terms, and any `extra` scalar tensors (e.g. a regulariser's), as Python
+        floats, copied from the device in one transfer."""
         device = self.total.device
         entropy = torch.as_tensor(self.teacher_entropy, device=device)
         pairs = torch.as_tensor(self.object_pairs, device=device)
+        extra = extra or {}
         values = torch.stack(
             [self.total.detach(), self.obj.detach(), self.mim.detach(), entropy.float(),
-             pairs.float()]
+             pairs.float(), *(value.detach().float() for value in extra.values())]
         ).tolist()
-        names = ("loss", "loss_obj", "loss_mim", "teacher_entropy", "object_pairs")
+        names = ("loss", "loss_obj", "loss_mim", "teacher_entropy", "object_pairs", *extra)
         return dict(zip(names, values, strict=True))
 
 

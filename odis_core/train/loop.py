@@ -537,9 +537,9 @@ class Trainer:
                     student_features, config.n_global_crops
                 )
                 total_loss = total_loss + koleo
-        values = terms.as_floats()  # the step's one device-to-host sync before backward
+        # The step's one device-to-host sync before backward (KoLeo's term rides along).
+        values = terms.as_floats({} if koleo is None else {"loss_koleo": koleo})
         if koleo is not None:
-            values["loss_koleo"] = float(koleo.detach())
             values["loss"] += values["loss_koleo"]
         total = values["loss"]
         if not distributed.all_true(math.isfinite(total), self.device):
