@@ -269,6 +269,13 @@ def pretrain(
         float | None,
         _option("koleo_weight", "KoLeo regulariser on the [OBJ] features (DINOv2: 0.1; 0 off)."),
     ] = None,
+    pos_embed: Annotated[
+        str | None, _option("pos_embed", "learned (iBOT) or sincos (fixed, MoCo v3).")
+    ] = None,
+    background_removal: Annotated[
+        float | None,
+        _option("background_removal", "Per-view probability of the target alone on black."),
+    ] = None,
     seed: Annotated[int | None, _option("seed", "Seed of weights, crops and data order.")] = None,
     device: Annotated[str | None, _option("device", "auto, cpu or cuda.")] = None,
     workers: Annotated[int | None, _option("workers", "Data-loading processes.")] = None,
@@ -426,6 +433,8 @@ def pretrain(
             teacher_temp=teacher_temp,
             momentum_teacher=momentum_teacher,
             koleo_weight=koleo_weight,
+            pos_embed=pos_embed,
+            background_removal=background_removal,
             seed=seed,
             device=device,
             workers=workers,

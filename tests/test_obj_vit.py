@@ -1,5 +1,6 @@
 """[OBJ] masked attention over timm (spec §4)."""
 
+import pytest
 import timm
 import torch
 
@@ -106,3 +107,35 @@ def test_local_crop_resolution_uses_resampled_position_embedding():
     with torch.no_grad():
         tokens = model(torch.randn(2, 3, 16, 16))
     assert tokens.shape == (2, 1 + 4, model.embed_dim)
+
+
+def test_sincos_positions_are_moco_v3_table_frozen_and_loadable_into_timm():
+    torch.manual_seed(0)
+    model = ObjViT("vit_tiny", img_size=32, patch_size=8, drop_path_rate=0.0, depth=2,
+                   pos_embed="sincos")
+    # Hand-built 2-D sin-cos, in timm's column order: sin y, sin x, cos y, cos x.
+    grid_y, grid_x = torch.meshgrid(torch.arange(4.0), torch.arange(4.0), indexing="ij")
+    omega = 1.0 / 10000 ** (torch.arange(48) / 48)
+    angles_y = grid_y.reshape(-1, 1) * omega
+    angles_x = grid_x.reshape(-1, 1) * omega
+    expected = torch.cat(
+        [angles_y.sin(), angles_x.sin(), angles_y.cos(), angles_x.cos()], dim=1
+    )
+    table = model.vit.pos_embed[0]
+    assert torch.all(table[0] == 0)  # [OBJ]'s position
+    torch.testing.assert_close(table[1:], expected, rtol=0, atol=1e-6)
+    assert not model.vit.pos_embed.requires_grad
+    # One optimiser step leaves it as it is, and a plain timm ViT runs it unchanged.
+    before = model.vit.pos_embed.clone()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model(torch.randn(2, 3, 32, 32))[:, 0].sum().backward()
+    optimizer.step()
+    assert torch.equal(model.vit.pos_embed, before)
+    model.eval()
+    reference = _timm_twin(model)
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(images), reference.forward_features(images),
+                                   rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="pos_embed"):
+        ObjViT("vit_tiny", img_size=32, patch_size=8, pos_embed="rope")

@@ -226,3 +226,44 @@ def test_same_generator_seed_gives_identical_views():
     assert all(torch.equal(x, y) for x, y in zip(a.global_images, b.global_images, strict=True))
     assert all(torch.equal(x, y) for x, y in zip(a.local_images, b.local_images, strict=True))
     assert not torch.equal(a.global_images[0], c.global_images[0])
+
+
+def blue_per_view(views) -> list[float]:
+    """Per view, the largest de-normalised blue value (the scene's background is blue)."""
+    return [float((view[2] * IMAGENET_STD[2] + IMAGENET_MEAN[2]).max())
+            for view in views.global_images + views.local_images]
+
+
+def test_background_removal_shows_the_object_alone_on_black_per_view():
+    image, mask = painted_scene()
+    always = ObjectMultiCrop(global_size=32, local_size=16, n_global=2, n_local=4,
+                             patch_size=8, photometric=False, background_removal=1.0)
+    half = ObjectMultiCrop(global_size=32, local_size=16, n_global=2, n_local=4,
+                           patch_size=8, photometric=False, background_removal=0.5)
+    removed = kept = 0
+    for seed in range(20):
+        views = always(image, mask, torch.Generator().manual_seed(seed))
+        assert max(blue_per_view(views)) < 1e-3  # no background pixel survives
+        # The object itself is left as it was: red where the mask says in-object.
+        for view, patch_mask in zip(views.global_images, views.global_patch_masks, strict=True):
+            assert object_fraction_per_patch(view, 8)[patch_mask].mean() > 0.5
+        blues = blue_per_view(half(image, mask, torch.Generator().manual_seed(seed)))
+        removed += sum(blue < 1e-3 for blue in blues)
+        kept += sum(blue > 0.5 for blue in blues)
+    # Drawn per view, not per image: both kinds occur, about equally often.
+    assert removed + kept == 20 * 6 and 0.3 < removed / 120 < 0.7
+
+
+def test_background_removal_off_keeps_the_random_stream_and_is_validated():
+    image, mask = painted_scene()
+    plain = ObjectMultiCrop(global_size=32, local_size=16, n_local=2, patch_size=8)
+    off = ObjectMultiCrop(global_size=32, local_size=16, n_local=2, patch_size=8,
+                          background_removal=0.0)
+    a = plain(image, mask, torch.Generator().manual_seed(3))
+    b = off(image, mask, torch.Generator().manual_seed(3))
+    assert all(torch.equal(x, y) for x, y in
+               zip(a.global_images + a.local_images, b.global_images + b.local_images, strict=True))
+    with pytest.raises(ValueError, match="background_removal 1.5"):
+        ObjectMultiCrop(background_removal=1.5)
+    with pytest.raises(ValueError, match="rendered in the loader"):
+        ObjectMultiCrop(background_removal=0.5, render_pixels=False)

@@ -15,6 +15,7 @@ def test_shipped_small_data_recipe_loads_with_its_comments():
     config = load_config_file(ROOT / "configs" / "small-data.json").resolved()
     assert (config.arch, config.global_size, config.n_local_crops) == ("vit_tiny", 64, 4)
     assert config.koleo_weight == 0.1 and config.grayscale_prob == 1.0
+    assert config.pos_embed == "sincos" and config.epochs == 25
 
 
 def run(script: str, *args: str) -> subprocess.CompletedProcess:
@@ -92,3 +93,21 @@ def test_a_run_recorded_before_a_key_counts_as_its_default_never_as_a_readout_ar
     assert not sweep.same_recipe({**paper, "lr": 1.0}, paper)
     assert set(sweep.ISSUE17_ARMS) < set(sweep.ARMS)
     assert sweep.ARMS["readout_all"] == {"obj_readout": True, "objects_per_image": 0}
+
+
+def test_supervised_ceiling_trains_the_recipes_network_and_evaluates_it_like_the_sweep(
+        fashion_idx_dir, tmp_path):
+    work, recipe = tmp_path / "work", tmp_path / "recipe.json"
+    recipe.write_text(json.dumps({"_comment": "why", "pos_embed": "sincos"}))
+    common = ["--workdir", str(work), "--tiny", "--source", str(fashion_idx_dir),
+              "--config", str(recipe)]
+    run("supervised_ceiling.py", *common, "--milestones", "0,3", "--batch-size", "4")
+    ceiling = json.loads((work / "supervised_ceiling.json").read_text())
+    assert [p["step"] for p in ceiling["curve"]] == [0, 3]
+    assert ceiling["curve"][0]["loss"] is None and ceiling["curve"][1]["loss"] > 0
+    assert ceiling["curve"][1]["cpu_s"] > 0
+    # Step 0 is the recipe's own untrained network, read the sweep's way.
+    run("small_data_sweep.py", *common, "--name", "r", "--milestones", "0")
+    swept = json.loads((work / "curves" / "r@odis.json").read_text())
+    assert ceiling["curve"][0]["top1"] == swept["curve"][0]["top1"]
+    assert ceiling["curve"][0]["n_test"] == swept["curve"][0]["n_test"]

@@ -448,14 +448,24 @@ class ObjectMultiCrop:
         photometric: bool = True,
         render_pixels: bool = True,
         photometric_settings: PhotometricSettings = IBOT_PHOTOMETRIC,
+        background_removal: float = 0.0,
     ) -> None:
         """render_pixels=False: draw every view (crop, flip, photometric parameters) but
-        leave resampling and augmentation to the training device (`device_views.py`)."""
+        leave resampling and augmentation to the training device (`device_views.py`).
+
+        background_removal: probability that a view shows the target object alone on
+        black (everything outside its mask zeroed before the crop), drawn per view. Views
+        of one object then disagree on the background and the neighbours, so matching them
+        by the scene's texture stops paying (Ryali et al. 2021, "BG_RM"). 0: off."""
         for name, size in (("global_size", global_size), ("local_size", local_size)):
             if size % patch_size != 0:
                 raise ValueError(f"{name} {size} is not a multiple of patch_size {patch_size}")
         if n_global < 1 or n_local < 0 or max_tries < 1:
             raise ValueError("need n_global >= 1, n_local >= 0 and max_tries >= 1")
+        if not 0.0 <= background_removal <= 1.0:
+            raise ValueError(f"background_removal {background_removal}: must be in [0, 1]")
+        if background_removal > 0 and not render_pixels:
+            raise ValueError("background_removal needs views rendered in the loader")
         self.global_size, self.local_size = global_size, local_size
         self.n_global, self.n_local = n_global, n_local
         self.global_scale, self.local_scale = tuple(global_scale), tuple(local_scale)
@@ -466,6 +476,7 @@ class ObjectMultiCrop:
         self.photometric = photometric
         self.render_pixels = render_pixels
         self.photometric_settings = photometric_settings
+        self.background_removal = background_removal
         self._global_photometric = [
             Photometric(view_kind(i, is_global=True), photometric_settings)
             for i in range(n_global)
@@ -495,6 +506,7 @@ class ObjectMultiCrop:
         if clock is not None:
             started = clock.lap("mask integral", started)
         views = MultiCropViews([], [], [], [], 0)
+        on_black: Image.Image | None = None
         for index in range(self.n_global + self.n_local):
             is_global = index < self.n_global
             size = self.global_size if is_global else self.local_size
@@ -533,8 +545,16 @@ class ObjectMultiCrop:
                 if clock is not None:
                     started = clock.lap("render + photometric", started)
                 continue
+            source = image
+            # Drawn only when on, so runs without it keep their random stream.
+            if self.background_removal > 0 and (
+                torch.rand((), generator=generator).item() < self.background_removal
+            ):
+                if on_black is None:
+                    on_black = _object_on_black(image, object_mask)
+                source = on_black
             view = TF.resized_crop(
-                image,
+                source,
                 crop.top,
                 crop.left,
                 crop.height,
@@ -554,6 +574,12 @@ class ObjectMultiCrop:
             if clock is not None:
                 started = clock.lap("render + photometric", started)
         return views
+
+
+def _object_on_black(image: Image.Image, object_mask: np.ndarray) -> Image.Image:
+    """`image` with every pixel outside `object_mask` set to black."""
+    pixels = np.asarray(image.convert("RGB")) * object_mask[..., None].astype(np.uint8)
+    return Image.fromarray(pixels)
 
 
 def _mask_box_xyxy(object_mask: np.ndarray) -> tuple[float, float, float, float]:

@@ -30,6 +30,7 @@ from typing import Any
 import timm
 import torch
 import torch.nn.functional as F
+from timm.layers import build_sincos2d_pos_embed
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -53,6 +54,8 @@ ARCHITECTURES = {
     "vit_large": "vit_large_patch16_224",
 }
 POS_EMBED_RESAMPLE = ("ibot", "timm")
+# "learned": timm's (iBOT's) trained table; "sincos": fixed 2-D sin-cos (MoCo v3, MAE).
+POS_EMBEDS = ("learned", "sincos")
 
 
 def resolve_arch(arch: str) -> str:
@@ -81,9 +84,12 @@ class ObjViT(nn.Module):
         grad_checkpointing: bool = False,
         pos_embed_resample: str = "timm",
         obj_readout: bool = False,
+        pos_embed: str = "learned",
         **timm_kwargs,
     ) -> None:
         super().__init__()
+        if pos_embed not in POS_EMBEDS:
+            raise ValueError(f"pos_embed must be one of {POS_EMBEDS}, got {pos_embed!r}")
         if pos_embed_resample not in POS_EMBED_RESAMPLE:
             raise ValueError(
                 f"pos_embed_resample must be one of {POS_EMBED_RESAMPLE}, "
@@ -112,6 +118,8 @@ class ObjViT(nn.Module):
             raise ValueError(f"{self.arch}: [OBJ] needs exactly one class token and no registers")
         self.embed_dim: int = self.vit.embed_dim
         self.patch_size: int = self.vit.patch_embed.patch_size[0]
+        if pos_embed == "sincos":
+            self._freeze_sincos_pos_embed()
         self.mask_token = nn.Parameter(torch.zeros(1, 1, 1, self.embed_dim))
         # "split": flash-friendly unmasked attention + the masked [OBJ] row written out;
         # "dense": one SDPA with a (B, 1, 1+N, 1+N) mask; "auto" (default): split on GPUs,
@@ -166,6 +174,17 @@ class ObjViT(nn.Module):
             # No mask: timm's blocks as they are (fused / flash attention).
             return self.vit.norm(self._run_blocks(tokens, None))
         return self.vit.norm(self._run_blocks(tokens, obj_patch_mask))
+
+    def _freeze_sincos_pos_embed(self) -> None:
+        """MoCo v3's fixed 2-D sin-cos positions ([OBJ]'s position 0), kept out of training.
+
+        They stay in timm's `pos_embed` parameter, so the exported backbone is unchanged."""
+        grid = list(self.vit.patch_embed.grid_size)
+        table = build_sincos2d_pos_embed(grid, dim=self.embed_dim)
+        with torch.no_grad():
+            self.vit.pos_embed.zero_()
+            self.vit.pos_embed[0, 1:] = table.to(self.vit.pos_embed.dtype)
+        self.vit.pos_embed.requires_grad_(False)
 
     def _pos_embed(self, grid_tokens: torch.Tensor) -> torch.Tensor:
         """(B, gh, gw, D) patch embeddings -> (B, 1 + N, D): [OBJ] prepended, positions added."""

@@ -38,6 +38,8 @@ class PretrainConfig:
     # Position embedding of local crops: "ibot" (DINO/iBOT's scale-factor resampling, the
     # official behaviour) or "timm" (timm's resample_abs_pos_embed, odis before issue 14).
     pos_embed_resample: str = "ibot"
+    # "learned" (iBOT) or "sincos": fixed 2-D sin-cos positions (MoCo v3; issue 17).
+    pos_embed: str = "learned"
     drop_path: float = 0.1
     out_dim: int = 8192  # shared head: the patch head has the same out_dim
     head_hidden_dim: int = 2048
@@ -80,6 +82,9 @@ class PretrainConfig:
     grayscale_prob: float = 0.2
     blur_prob_scale: float = 1.0
     solarize_prob: float = 0.2
+    # Probability that a view shows the target alone on black (background augmentation,
+    # Ryali et al. 2021): against matching views by the scene's background. 0 = iBOT.
+    background_removal: float = 0.0
 
     # Block-wise MIM masks (iBOT)
     pred_ratio: tuple[float, float] = (0.0, 0.3)
@@ -182,6 +187,18 @@ class PretrainConfig:
             raise ValueError(f"precision: one of {PRECISIONS}, not {config.precision!r}")
         if config.pos_embed_resample not in ("ibot", "timm"):
             raise ValueError(f"pos_embed_resample: ibot or timm, not {config.pos_embed_resample!r}")
+        if not 0.0 <= config.background_removal <= 1.0:
+            raise ValueError(f"{_option('background_removal')} {config.background_removal}: "
+                             "must be a probability in [0, 1]")
+        if config.background_removal > 0 and config.augment_on == "device":
+            # The device renders every view from one source image: it has no on-black copy.
+            raise ValueError(f"{_option('background_removal')} needs --augment-on loader")
+        if config.background_removal > 0 and config.objects_per_image != 1:
+            # Only the target is kept on black: the other objects' [OBJ] slots would read
+            # black patches in those views.
+            raise ValueError(f"{_option('background_removal')} needs --objects-per-image 1")
+        if config.pos_embed not in ("learned", "sincos"):
+            raise ValueError(f"{_option('pos_embed')}: learned or sincos, not {config.pos_embed!r}")
         if config.augment_on not in AUGMENT_ON:
             raise ValueError(f"augment_on: one of {AUGMENT_ON}, not {config.augment_on!r}")
         if config.n_global_crops != 2:

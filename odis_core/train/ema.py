@@ -3,7 +3,8 @@
 Parameters are paired by name, as iBOT's teacher (built without masked modelling) pairs
 with its student. The MIM mask token is the student's alone: the teacher always sees
 unmasked crops, so its copy (kept so the two networks share one structure and checkpoint
-layout) is never averaged and stays at its initial value.
+layout) is never averaged and stays at its initial value. Parameters the student does not
+train either (fixed sin-cos positions) are left as they were copied.
 """
 
 from __future__ import annotations
@@ -37,6 +38,10 @@ def averaged_pairs(
         source = student_params.get(name)
         if source is None or source.shape != parameter.shape:
             raise ValueError(f"teacher parameter {name} has no student parameter of its shape")
+        if not source.requires_grad:
+            # Fixed in the student too (sin-cos positions, a normalised head's gain): the
+            # copy is already equal, and averaging it would only add rounding.
+            continue
         teacher_params.append(parameter)
         sources.append(source.detach())
     return teacher_params, sources

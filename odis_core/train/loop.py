@@ -240,6 +240,7 @@ def build_backbone_for(
         grad_checkpointing=grad_checkpointing,
         pos_embed_resample=config.pos_embed_resample,
         obj_readout=config.obj_readout,
+        pos_embed=config.pos_embed,
         **overrides,
     )
 
@@ -314,6 +315,7 @@ def make_dataset(config: PretrainConfig, store: MaskStore, images_root: Path) ->
             blur_prob_scale=config.blur_prob_scale,
             solarize_prob=config.solarize_prob,
         ),
+        background_removal=config.background_removal,
     )
     mim = MimConfig(
         pred_ratio=config.pred_ratio,
@@ -652,8 +654,9 @@ def pretrain(
     device = distributed.init_from_environment(resolve_device(config.device))
     if config.augment_on == "auto":
         # Resolved once and saved with the run: a resume renders views the same way.
-        on_gpu = device.startswith("cuda")
-        config = dataclasses.replace(config, augment_on="device" if on_gpu else "loader")
+        # Background removal renders in the loader: only it holds the on-black copy.
+        on_device = device.startswith("cuda") and config.background_removal == 0
+        config = dataclasses.replace(config, augment_on="device" if on_device else "loader")
     # Resolved once and saved with the run (config.json, checkpoint): a resume keeps it.
     config = dataclasses.replace(config, precision=resolve_precision(config.precision, device))
     if memory_check:

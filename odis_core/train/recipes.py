@@ -29,6 +29,8 @@ MEANINGS = {
     "blur_prob_scale": "times iBOT's blur probabilities (1.0, 0.1, 0.5 per view kind)",
     "solarize_prob": "probability of solarize on the second global view (iBOT 0.2)",
     "pos_embed_resample": "local crops' pos grid: ibot (scale-factor bicubic, official), timm",
+    "pos_embed": "positions: learned (iBOT) or sincos (fixed 2-D sin-cos, MoCo v3)",
+    "background_removal": "per-view probability of the target alone on black (0: off)",
     "obj_readout": "read-out [OBJ] tokens: no token attends to an [OBJ] key (issue 19)",
     "objects_per_image": "objects trained per image: 1 = the target only (paper), K = up to K, "
     "0 = all; != 1 needs obj_readout",
