@@ -20,13 +20,14 @@ mean training loss of the last 50 steps and the CPU seconds of training so far.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
+# Run as a script, this folder is on sys.path: the sweep's data, recipe and evaluation are
+# imported, not copied.
+import small_data_sweep as sweep
 import torch
 import torch.nn.functional as F
 
@@ -34,19 +35,6 @@ from odis_core.atomic import atomic_write
 from odis_core.embed.inference import object_batches
 from odis_core.precision import autocast, resolve_precision
 from odis_core.train.loop import build_backbone_for
-
-
-def _load_sweep() -> Any:
-    """The sweep script as a module: its data, recipe and evaluation are reused."""
-    path = Path(__file__).resolve().parent / "small_data_sweep.py"
-    spec = importlib.util.spec_from_file_location("small_data_sweep", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("small_data_sweep", module)
-    spec.loader.exec_module(module)
-    return module
-
-
-sweep = _load_sweep()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
